@@ -1,0 +1,20 @@
+"""Errors the harness raises for bad input: one line naming the file, the key and what was expected.
+
+The CLI prints these without a traceback and exits with a non-zero code.
+"""
+
+
+class QBenchError(Exception):
+    """Base class: a user-facing, one-line error."""
+
+
+class ConfigError(QBenchError):
+    """A suite file or override is invalid."""
+
+
+class DatasetError(QBenchError):
+    """A dataset root, split file, sequence or frame is missing or malformed."""
+
+
+class CheckpointError(QBenchError):
+    """A checkpoint is missing, unreadable or does not match its model config."""
