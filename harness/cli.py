@@ -1,0 +1,84 @@
+"""`qbench` / `python -m harness`: the command line that nox sessions call."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from harness.errors import QBenchError
+
+
+def _suite(args) -> int:
+    from harness.config import load_suite
+    from harness.runner import run_suite
+
+    suite = load_suite(args.suite, args.overrides)
+    rows, failed = run_suite(suite, args.results)
+    print(f"{len(rows)}/{len(suite.runs)} runs finished; summary: {args.results}/{suite.name}/summary.md")
+    for name, reason in failed:
+        print(f"FAILED {name}: {reason}", file=sys.stderr)
+    return 1 if failed else 0
+
+
+def _make_data(args) -> int:
+    from harness.data import synthetic
+
+    size = synthetic.parse_size(args.size)
+    out = synthetic.generate(args.out, args.sequences, args.frames, size, args.seed, progress=True)
+    print(f"wrote {args.sequences} sequences x {args.frames} frames ({args.size}) to {out}")
+    return 0
+
+
+def _eval_vos(args) -> int:
+    from harness.evaluate.scoring import score_results_folder
+
+    per_object, summary = score_results_folder(args.davis_root, args.results, args.split, args.resolution)
+    for key in ("J&F-mean", "J-mean", "F-mean"):
+        print(f"{key}: {summary[key]:.4f}")
+    if args.out:
+        per_object.to_csv(args.out, index=False)
+        print(f"per-object scores: {args.out}")
+    return 0
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="qbench", description="Low-bit quantization benchmarks for SAM2.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("suite", aliases=["run"], help="run every run of a suite file (resumable)")
+    s.add_argument("suite", help="suite name (suites/NAME.yaml) or path to a suite file")
+    s.add_argument("overrides", nargs="*", help="dotted overrides, e.g. quant.act_bits=8")
+    s.add_argument("--results", default="results", help="results folder (MLflow db, artifacts, tables)")
+    s.set_defaults(fn=_suite)
+
+    s = sub.add_parser("make-data", help="generate a synthetic video dataset in the DAVIS 2017 layout")
+    s.add_argument("--out", required=True)
+    s.add_argument("--sequences", type=int, default=8)
+    s.add_argument("--frames", type=int, default=12)
+    s.add_argument("--size", default="256x144", help="WxH")
+    s.add_argument("--seed", type=int, default=0)
+    s.set_defaults(fn=_make_data)
+
+    s = sub.add_parser("eval-vos", help="score predicted palette PNGs against DAVIS ground truth (J&F)")
+    s.add_argument("--davis-root", required=True)
+    s.add_argument("--results", required=True, help="folder of <sequence>/<frame>.png predictions")
+    s.add_argument("--split", default="val")
+    s.add_argument("--resolution", default="480p")
+    s.add_argument("--out", help="per-object CSV to write")
+    s.set_defaults(fn=_eval_vos)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return args.fn(args)
+    except QBenchError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

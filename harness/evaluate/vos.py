@@ -1,0 +1,79 @@
+"""Semi-supervised video object segmentation with the sam2 video predictor, scored with J&F.
+
+Protocol (DAVIS 2017 semi-supervised): the first frame's ground-truth masks of all objects are the
+prompts, the predictor propagates them through the sequence, mask logits are thresholded at 0.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from harness.data.davis import DavisDataset, write_palette_png
+from harness.evaluate import metrics
+
+
+def _autocast(device: torch.device):
+    # bf16 autocast only on CUDA, as SAM2's own tools do; CPU runs stay in fp32.
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+@torch.inference_mode()
+def predict_sequence(model, dataset: DavisDataset, seq: str, max_frames: int | None = None, bar=None) -> np.ndarray:
+    """Predicted id map (T x H x W uint8) for one sequence, prompted with frame 0's ground truth."""
+    first = dataset.annotation(seq, dataset.frame_names(seq)[0])
+    ids = dataset.object_ids(seq)
+    with _autocast(model.device):
+        state = model.init_state(str(dataset.image_dir(seq)))
+        n = state["num_frames"] if max_frames is None else min(max_frames, state["num_frames"])
+        pred = np.zeros((n, *first.shape), dtype=np.uint8)
+        for obj in ids:
+            model.add_new_mask(state, frame_idx=0, obj_id=obj, mask=torch.from_numpy(first == obj))
+        for t, obj_ids, logits in model.propagate_in_video(state, max_frame_num_to_track=n - 1):
+            fg = (logits[:, 0] > 0).cpu().numpy()
+            # Where objects overlap the smaller id wins, as in SAM2's tools/vos_inference.py.
+            for k in reversed(np.argsort(obj_ids)):
+                pred[t][fg[k]] = obj_ids[k]
+            if bar is not None:
+                bar.update(1)
+    return pred
+
+
+def run_frames(model, dataset: DavisDataset, frames: int, desc: str = "calibration") -> int:
+    """Run the tracker over sequences until `frames` frames are processed (calibration data)."""
+    done = 0
+    with tqdm(total=frames, desc=desc, unit="frame", leave=False, disable=None) as bar:
+        for seq in dataset.sequences:
+            if done >= frames:
+                break
+            done += len(predict_sequence(model, dataset, seq, max_frames=frames - done, bar=bar))
+    return done
+
+
+def evaluate(model, dataset: DavisDataset, save_dir=None, progress: bool = True):
+    """J&F over every sequence of `dataset`.
+
+    Returns (per-object DataFrame, summary dict with J&F-mean, J-mean, F-mean, ..., fps).
+    With `save_dir`, predictions are written as palette PNGs in SAM2's vos_inference layout.
+    """
+    total = sum(len(dataset.frame_names(s)) for s in dataset.sequences)
+    scores, seconds = {}, 0.0
+    with tqdm(total=total, desc="evaluate", unit="frame", leave=False, disable=None if progress else True) as bar:
+        for seq in dataset.sequences:
+            start = time.perf_counter()
+            pred = predict_sequence(model, dataset, seq, bar=bar)
+            seconds += time.perf_counter() - start
+            scores[seq] = metrics.score_sequence(dataset.annotations(seq), pred, dataset.object_ids(seq))
+            if save_dir is not None:
+                for name, ids in zip(dataset.frame_names(seq), pred):
+                    write_palette_png(f"{save_dir}/{seq}/{name}.png", ids)
+    per_object = metrics.per_object_frame(scores)
+    summary = metrics.summarize(per_object)
+    summary["fps"] = total / seconds if seconds else float("nan")
+    return per_object, summary

@@ -1,0 +1,120 @@
+"""Build SAM2 models by name, load and validate checkpoints, override the image size.
+
+Every model is built from a hydra config with the sam2 package's own classes, always as
+`SAM2VideoPredictor` (a `SAM2Base` subclass), so the same object serves the video predictor and,
+through `image_predictor`, the image predictor.
+"""
+
+from __future__ import annotations
+
+import importlib.resources
+from pathlib import Path
+
+import torch
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
+
+from harness.errors import CheckpointError, ConfigError
+
+PROJECT_CONFIGS = Path(__file__).parent / "configs"
+SAM2_CONFIGS = {
+    **{f"sam2.1_hiera_{s}": f"configs/sam2.1/sam2.1_hiera_{s}.yaml" for s in ("t", "s", "b+", "l")},
+    **{f"sam2_hiera_{s}": f"configs/sam2/sam2_hiera_{s}.yaml" for s in ("t", "s", "b+", "l")},
+}
+
+
+def available() -> list[str]:
+    return sorted(SAM2_CONFIGS) + sorted(p.stem for p in PROJECT_CONFIGS.glob("*.yaml"))
+
+
+def config_path(name: str) -> Path:
+    """The hydra YAML of a model name (a shipped sam2 config, a project config, or a file path)."""
+    if name in SAM2_CONFIGS:
+        return Path(str(importlib.resources.files("sam2") / SAM2_CONFIGS[name]))
+    if (PROJECT_CONFIGS / f"{name}.yaml").is_file():
+        return PROJECT_CONFIGS / f"{name}.yaml"
+    if name.endswith(".yaml") and Path(name).is_file():
+        return Path(name)
+    raise ConfigError(f"model.name: unknown model {name!r}; expected one of {', '.join(available())} or a .yaml path")
+
+
+def load_config(name: str, image_size: int | None = None, overrides: list[str] | None = None):
+    cfg = OmegaConf.load(config_path(name))
+    # Always the video predictor class: it is a SAM2Base, so image inference works on it too.
+    cfg.model._target_ = "sam2.sam2_video_predictor.SAM2VideoPredictor"
+    if image_size is not None:
+        if image_size % 32:
+            raise ConfigError(f"model.image_size: {image_size} is not a multiple of 32 (Hiera's windows need it)")
+        cfg.model.image_size = image_size
+        layer = cfg.model.memory_attention.layer
+        for attn in ("self_attention", "cross_attention"):
+            layer[attn].feat_sizes = [image_size // 16, image_size // 16]
+    for item in overrides or []:
+        key, _, value = item.lstrip("+").partition("=")
+        OmegaConf.update(cfg, key, OmegaConf.from_dotlist([f"v={value}"]).v, force_add=True)
+    return cfg
+
+
+def build(
+    name: str,
+    checkpoint: str | Path | None = None,
+    image_size: int | None = None,
+    device: str | torch.device | None = None,
+    overrides: list[str] | None = None,
+) -> torch.nn.Module:
+    """Build SAM2 `name` in eval mode, with weights from `checkpoint` if given (random otherwise)."""
+    cfg = load_config(name, image_size, overrides)
+    OmegaConf.resolve(cfg)
+    model = instantiate(cfg.model, _recursive_=True)
+    if checkpoint is not None:
+        load_checkpoint(model, checkpoint, config=str(config_path(name)))
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    return model.to(device).eval()
+
+
+def read_state_dict(checkpoint: str | Path) -> dict[str, torch.Tensor]:
+    path = Path(checkpoint)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any unpickling failure is the same user error
+        raise CheckpointError(f"checkpoint {path} could not be read as a torch file: {type(e).__name__}: {e}") from e
+    # SAM2's released checkpoints hold {"model": state_dict}; accept a bare state dict too.
+    sd = ckpt.get("model", ckpt) if isinstance(ckpt, dict) else None
+    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise CheckpointError(f"checkpoint {path}: expected a state dict or {{'model': state_dict}}")
+    return sd
+
+
+def load_checkpoint(model: torch.nn.Module, checkpoint: str | Path, config: str = "?") -> None:
+    """Load strictly; every mismatch is reported in one error naming checkpoint and config."""
+    sd = read_state_dict(checkpoint)
+    own = model.state_dict()
+    missing = sorted(set(own) - set(sd))
+    unexpected = sorted(set(sd) - set(own))
+    shapes = [f"{k} {tuple(sd[k].shape)} vs {tuple(own[k].shape)}" for k in own if k in sd and sd[k].shape != own[k].shape]
+    problems = []
+    for label, items in (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches", shapes)):
+        if items:
+            more = f" (+{len(items) - 5} more)" if len(items) > 5 else ""
+            problems.append(f"{len(items)} {label}: {', '.join(items[:5])}{more}")
+    if problems:
+        raise CheckpointError(f"checkpoint {checkpoint} does not match config {config}: " + "; ".join(problems))
+    model.load_state_dict(sd)
+
+
+def save_checkpoint(model: torch.nn.Module, path: str | Path) -> None:
+    """Save in SAM2's released format ({"model": state_dict}), readable by `build`."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"model": model.state_dict()}, path)
+
+
+def image_predictor(model):
+    """SAM2ImagePredictor for any image size (sam2 hard-codes the 1024 px feature sizes)."""
+    from sam2.sam2_image_predictor import SAM2ImagePredictor
+
+    predictor = SAM2ImagePredictor(model)
+    s = model.image_size
+    predictor._bb_feat_sizes = [(s // 4, s // 4), (s // 8, s // 8), (s // 16, s // 16)]
+    return predictor
