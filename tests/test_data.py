@@ -1,5 +1,6 @@
 """Synthetic DAVIS generator and DAVIS 2017 loader, on real files in tmp_path."""
 
+import re
 from pathlib import Path
 
 import numpy as np
@@ -36,7 +37,9 @@ def make_davis(root: Path, seqs: dict[str, np.ndarray], resolution="480p", split
             rgb = np.zeros((*ids.shape, 3), np.uint8) + np.uint8(40 * t)
             Image.fromarray(rgb).save(root / "JPEGImages" / resolution / name / f"{t:05d}.jpg")
             png = Image.fromarray(ids)
-            png.putpalette([0, 0, 0, 255, 0, 0, 0, 255, 0])  # a short palette, as other tools write
+            # A full palette unlike DAVIS's: the loader must only read indices. (A short one would
+            # make Pillow write a low bit depth that cannot hold the void index 255.)
+            png.putpalette(np.arange(768, dtype=np.uint8)[::-1].tobytes())
             png.save(root / "Annotations" / resolution / name / f"{t:05d}.png")
     (root / "ImageSets" / "2017").mkdir(parents=True)
     (root / "ImageSets" / "2017" / f"{split}.txt").write_text("".join(f"{n}\n" for n in seqs))
@@ -153,7 +156,8 @@ def test_camera_jitter_shifts_the_background():
         )
         aligned = np.abs(a - b)[bg].mean()
         unaligned = np.abs(img[t + 1] - img[t])[(seq.labels[t] == 0) & (seq.labels[t + 1] == 0)].mean()
-        assert aligned < 6 < unaligned  # pixel noise alone differs by about 3.4
+        # Aligned, only pixel noise remains (mean |diff| about 3.4); unaligned, the texture shows.
+        assert aligned < 4 and unaligned > aligned + 1
 
 
 # --- loader ------------------------------------------------------------------------------
@@ -199,17 +203,18 @@ def test_palette_roundtrip(tmp_path):
     assert PALETTE[:5].tolist() == [[0, 0, 0], [128, 0, 0], [0, 128, 0], [128, 128, 0], [0, 0, 128]]
     assert PALETTE[8].tolist() == [64, 0, 0]
     ids = np.arange(256, dtype=np.uint8).reshape(16, 16)
-    write_palette_png(tmp_path / "m.png", ids)
-    with Image.open(tmp_path / "m.png") as img:
+    path = tmp_path / "seq" / "00000.png"  # the folder is created, as prediction writers need
+    write_palette_png(path, ids)
+    with Image.open(path) as img:
         assert img.mode == "P"
-    np.testing.assert_array_equal(read_palette_png(tmp_path / "m.png"), ids)
+    np.testing.assert_array_equal(read_palette_png(path), ids)
     with pytest.raises(ValueError):
         write_palette_png(tmp_path / "bad.png", ids.astype(np.int32))
 
 
 def test_loader_errors_name_the_culprit(tmp_path, synth):
     missing = tmp_path / "nowhere"
-    with pytest.raises(DatasetError, match=f"DAVIS root {missing} does not exist"):
+    with pytest.raises(DatasetError, match=re.escape(f"DAVIS root {missing} does not exist")):
         DavisDataset(missing)
     with pytest.raises(DatasetError, match=r"test-dev\.txt does not exist; available splits: train, val"):
         DavisDataset(synth, split="test-dev")
@@ -230,11 +235,11 @@ def test_loader_errors_name_the_culprit(tmp_path, synth):
     png = root / "Annotations" / "480p" / "cat" / "00001.png"
     png.unlink()
     for call in (lambda: ds.annotations("cat"), lambda: ds.annotation("cat", "00001")):
-        with pytest.raises(DatasetError, match=f"annotation {png} does not exist"):
+        with pytest.raises(DatasetError, match=re.escape(f"annotation {png} does not exist")):
             call()
     rgb = root / "Annotations" / "480p" / "dog" / "00000.png"
     Image.fromarray(np.zeros((20, 24, 3), np.uint8)).save(rgb)
-    with pytest.raises(DatasetError, match=f"annotation {rgb} has mode 'RGB'"):
+    with pytest.raises(DatasetError, match=re.escape(f"annotation {rgb} has mode 'RGB'")):
         ds.object_ids("dog")
     with pytest.raises(DatasetError, match="'emu' is not part of this dataset"):
         ds.frame_names("emu")

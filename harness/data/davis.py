@@ -50,10 +50,12 @@ def read_palette_png(path: str | Path) -> np.ndarray:
 
 
 def write_palette_png(path: str | Path, ids: np.ndarray) -> None:
-    """Write an H x W uint8 array of object ids as a palette PNG with the DAVIS palette."""
+    """Write an H x W uint8 array of object ids as a palette PNG with the DAVIS palette, creating its folder."""
     ids = np.asarray(ids)
     if ids.ndim != 2 or ids.dtype != np.uint8:
         raise ValueError(f"write_palette_png({path}): expected a 2-D uint8 array, got {ids.dtype} {ids.shape}")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     img = Image.fromarray(ids)
     img.putpalette(PALETTE.tobytes())  # also turns the 'L' image into mode 'P' without touching indices
     img.save(path)
@@ -84,9 +86,7 @@ class DavisDataset:
             folder = self.root / kind / resolution
             if not folder.is_dir():
                 available = sorted(p.name for p in folder.parent.glob("*") if p.is_dir()) or ["none"]
-                raise DatasetError(
-                    f"folder {folder} does not exist; available resolutions: {', '.join(available)}"
-                )
+                raise DatasetError(f"folder {folder} does not exist; available resolutions: {', '.join(available)}")
 
         listed = [line.strip() for line in split_file.read_text().splitlines() if line.strip()]
         if sequences is None:

@@ -31,7 +31,7 @@ from harness.data.davis import write_palette_png
 KINDS = ("ellipse", "rectangle", "polygon", "star", "blob")
 MIN_VISIBLE = 20
 MIN_SIDE = 32
-SPEED = 0.05
+SPEED = 0.05  # top speed per axis, as a fraction of the frame's size per frame
 REACH = 1.45  # every unit shape fits in a disc of this radius (rectangle corners reach sqrt(2))
 COMPLETE_MARKER = ".complete"
 RESOLUTION = "480p"  # the folder name DAVIS uses; the synthetic frames keep their requested size
@@ -62,6 +62,7 @@ def is_complete(out: str | Path) -> bool:
 
 
 def split_names(names: list[str], val_fraction: float) -> tuple[list[str], list[str]]:
+    """(train, val) by the rule in the module docstring."""
     if len(names) == 1:
         return list(names), list(names)
     n_train = min(max(math.ceil(len(names) * (1 - val_fraction)), 1), len(names) - 1)
@@ -117,7 +118,7 @@ class _Object:
             frac = np.mod(theta, sector) / sector
             return r <= 0.45 + 0.55 * np.abs(1 - 2 * frac)
         amps, harmonics, phases = self.wobble
-        limit = 0.8 + sum(a * np.cos(k * theta + p) for a, k, p in zip(amps, harmonics, phases))
+        limit = 0.8 + sum(a * np.cos(k * theta + p) for a, k, p in zip(amps, harmonics, phases, strict=True))
         return r <= limit
 
     def texture(self, u: np.ndarray, v: np.ndarray) -> np.ndarray:
@@ -138,7 +139,7 @@ def _background(rng: np.random.Generator, height: int, width: int) -> np.ndarray
     angle = rng.uniform(0, np.pi)
     grating = np.sin(2 * np.pi * (xs * math.cos(angle) + ys * math.sin(angle)) / rng.uniform(10, 40))
     pattern = 12 * checker + 10 * grating + 15 * detail
-    return smooth + pattern[..., None] * rng.uniform(0.5, 1.5, 3)
+    return (smooth + pattern[..., None] * rng.uniform(0.5, 1.5, 3)).astype(np.float32)
 
 
 def render_sequence(
@@ -189,11 +190,13 @@ def render_sequence(
     else:
         raise RuntimeError(f"could not place {count} visible objects in a {width}x{height} frame; use a larger size")
 
-    rendered = [first] + [render(objs, order, t) for t in range(1, frames)]
-    noise = 3 * rng.standard_normal((frames, height, width, 3), dtype=np.float32)
-    images = np.clip(np.stack([r[0] for r in rendered]) + noise, 0, 255).astype(np.uint8)
-    labels = np.stack([r[1] for r in rendered])
-    full_area = np.array([r[2] for r in rendered], dtype=np.int64)
+    images = np.empty((frames, height, width, 3), dtype=np.uint8)
+    labels = np.empty((frames, height, width), dtype=np.uint8)
+    full_area = np.zeros((frames, count), dtype=np.int64)
+    for t in range(frames):
+        image, labels[t], full_area[t] = first if t == 0 else render(objs, order, t)
+        noise = rng.standard_normal((height, width, 3), dtype=np.float32)
+        images[t] = np.clip(image + 3 * noise, 0, 255)
     return RenderedSequence(images, labels, full_area, [o.kind for o in objs], camera)
 
 
@@ -245,10 +248,16 @@ def generate(
                 write_palette_png(ann_dir / f"{t:05d}.png", seq.labels[t])
         sets = tmp / "ImageSets" / "2017"
         sets.mkdir(parents=True)
-        for split, members in zip(("train", "val"), split_names(names, val_fraction)):
+        for split, members in zip(("train", "val"), split_names(names, val_fraction), strict=True):
             (sets / f"{split}.txt").write_text("".join(f"{name}\n" for name in members))
-        params = dict(sequences=sequences, frames=frames, size=list(size), seed=seed,
-                      objects=list(objects), val_fraction=val_fraction)
+        params = dict(
+            sequences=sequences,
+            frames=frames,
+            size=list(size),
+            seed=seed,
+            objects=list(objects),
+            val_fraction=val_fraction,
+        )
         (tmp / COMPLETE_MARKER).write_text(json.dumps(params, sort_keys=True) + "\n")
         if out.exists():
             out.rmdir()  # empty, checked above; rename cannot replace a directory portably
