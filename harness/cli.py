@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import warnings
 
 from harness.errors import QBenchError
 
@@ -73,6 +74,9 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    # Import-time notices of brevitas's optional CUDA / Hadamard kernels say nothing about a run.
+    logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", message="fast_hadamard_transform package not found")
     try:
         return args.fn(args)
     except QBenchError as e:

@@ -61,6 +61,8 @@ def find_suite(name: str) -> Path:
     for candidate in (Path(name), Path("suites") / f"{name}.yaml", SUITES_DIR / f"{name}.yaml"):
         if candidate.is_file():
             return candidate
+    if name.endswith((".yaml", ".yml")):
+        raise ConfigError(f"suite file {name} does not exist")
     known = sorted(p.stem for p in SUITES_DIR.glob("*.yaml"))
     raise ConfigError(f"suite {name!r} not found (looked for suites/{name}.yaml); known suites: {', '.join(known)}")
 

@@ -93,7 +93,9 @@ def load_checkpoint(model: torch.nn.Module, checkpoint: str | Path, config: str 
     own = model.state_dict()
     missing = sorted(set(own) - set(sd))
     unexpected = sorted(set(sd) - set(own))
-    shapes = [f"{k} {tuple(sd[k].shape)} vs {tuple(own[k].shape)}" for k in own if k in sd and sd[k].shape != own[k].shape]
+    shapes = [
+        f"{k} {tuple(sd[k].shape)} vs {tuple(own[k].shape)}" for k in own if k in sd and sd[k].shape != own[k].shape
+    ]
     problems = []
     for label, items in (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches", shapes)):
         if items:

@@ -118,24 +118,33 @@ def summary_rows(suite: Suite, tracker: Tracker) -> list[dict]:
             continue
         cfg, m = spec.config, run.data.metrics
         fp = cfg["method"]["name"] == "fp"
-        rows.append({
-            "method": cfg["method"]["name"],
-            "bits": "FP" if fp else f"W{cfg['quant']['weight_bits']}A{cfg['quant']['act_bits']}",
-            "J&F": m.get("J_F-mean"),
-            "J": m.get("J-mean"),
-            "F": m.get("F-mean"),
-            "frames/s": m.get("fps"),
-            "packed MB": m.get("packed_bytes", 0) / 1e6,
-            "vs BF16": m.get("ratio_vs_bf16"),
-            "run_key": spec.run_key,
-        })
+        rows.append(
+            {
+                "method": cfg["method"]["name"],
+                "bits": "FP" if fp else f"W{cfg['quant']['weight_bits']}A{cfg['quant']['act_bits']}",
+                "J&F": m.get("J_F-mean"),
+                "J": m.get("J-mean"),
+                "F": m.get("F-mean"),
+                "frames/s": m.get("fps"),
+                "packed MB": m.get("packed_bytes", 0) / 1e6,
+                "vs BF16": m.get("ratio_vs_bf16"),
+                "run_key": spec.run_key,
+            }
+        )
     return rows
 
 
 def write_summary(rows: list[dict], path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     cols = ["method", "bits", "J&F", "J", "F", "frames/s", "packed MB", "vs BF16", "run_key"]
-    fmt = {"J&F": "{:.3f}", "J": "{:.3f}", "F": "{:.3f}", "frames/s": "{:.2f}", "packed MB": "{:.3f}", "vs BF16": "{:.2f}x"}
+    fmt = {
+        "J&F": "{:.3f}",
+        "J": "{:.3f}",
+        "F": "{:.3f}",
+        "frames/s": "{:.2f}",
+        "packed MB": "{:.3f}",
+        "vs BF16": "{:.2f}x",
+    }
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for r in rows:
         cells = [fmt[c].format(r[c]) if c in fmt and r[c] is not None else str(r[c]) for c in cols]

@@ -45,9 +45,12 @@ def versions() -> dict[str, str]:
             tags[pkg] = "not installed"
     try:
         root = Path(__file__).resolve().parents[1]
-        tags["git_commit"] = subprocess.run(
-            ["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5
-        ).stdout.strip() or "unknown"
+        tags["git_commit"] = (
+            subprocess.run(
+                ["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5
+            ).stdout.strip()
+            or "unknown"
+        )
     except (OSError, subprocess.SubprocessError):
         tags["git_commit"] = "unknown"
     return {f"version.{k}" if k != "git_commit" else k: v for k, v in tags.items()}
@@ -80,7 +83,9 @@ class Tracker:
 
     @contextmanager
     def suite(self, name: str, n_runs: int):
-        with mlflow.start_run(experiment_id=self.experiment_id, run_name=f"{name} {time.strftime('%Y-%m-%d %H:%M:%S')}"):
+        with mlflow.start_run(
+            experiment_id=self.experiment_id, run_name=f"{name} {time.strftime('%Y-%m-%d %H:%M:%S')}"
+        ):
             mlflow.set_tags({"kind": "suite", "suite": name, "runs": str(n_runs), **versions()})
             yield
 

@@ -7,14 +7,22 @@ prompts, the predictor propagates them through the sequence, mask logits are thr
 from __future__ import annotations
 
 import contextlib
+import functools
 import time
 
 import numpy as np
+import sam2.sam2_video_predictor
+import sam2.utils.misc
 import torch
 from tqdm.auto import tqdm
 
 from harness.data.davis import DavisDataset, write_palette_png
 from harness.evaluate import metrics
+
+# sam2 draws a progress bar per sequence for frame loading and for propagation; with hundreds of
+# sequences that buries ours (one bar per phase), so silence its bars.
+for _mod in (sam2.sam2_video_predictor, sam2.utils.misc):
+    _mod.tqdm = functools.partial(tqdm, disable=True)
 
 
 def _autocast(device: torch.device):
@@ -71,7 +79,7 @@ def evaluate(model, dataset: DavisDataset, save_dir=None, progress: bool = True)
             seconds += time.perf_counter() - start
             scores[seq] = metrics.score_sequence(dataset.annotations(seq), pred, dataset.object_ids(seq))
             if save_dir is not None:
-                for name, ids in zip(dataset.frame_names(seq), pred):
+                for name, ids in zip(dataset.frame_names(seq), pred, strict=True):
                     write_palette_png(f"{save_dir}/{seq}/{name}.png", ids)
     per_object = metrics.per_object_frame(scores)
     summary = metrics.summarize(per_object)

@@ -56,7 +56,9 @@ def _quant_layer(module: nn.Module, weight_quant, act_quant, d: Decision) -> nn.
             padding_mode=module.padding_mode,
         )
         if isinstance(module, nn.ConvTranspose2d):
-            q = QConvTranspose2d(module.in_channels, module.out_channels, output_padding=module.output_padding, **conv, **kw)
+            q = QConvTranspose2d(
+                module.in_channels, module.out_channels, output_padding=module.output_padding, **conv, **kw
+            )
         else:
             q = QConv2d(module.in_channels, module.out_channels, **conv, **kw)
     with torch.no_grad():

@@ -1,0 +1,76 @@
+"""nox sessions for sam2-qbench. All sessions share one virtualenv (.venv) so that torch (about
+5.5 GB) installs once; a stamp file records what was installed, and a second invocation with the
+same pins and pyproject.toml reinstalls nothing.
+
+    nox -s suite -- smoke [dotted.key=value ...]
+    nox -s tests
+    nox -s lint
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import sys
+from pathlib import Path
+
+import nox
+
+ROOT = Path(__file__).parent
+VENV = ROOT / ".venv"
+BIN = VENV / ("Scripts" if sys.platform == "win32" else "bin")
+PY = str(BIN / "python")
+# What CI and the embedded default install. GPU users may preinstall their own CUDA torch builds in
+# .venv (QBENCH_TORCH="" skips these pins).
+TORCH = os.environ.get("QBENCH_TORCH", "torch==2.14.1 torchvision==0.29.1").split()
+SAM2 = "sam2==1.1.0"
+
+nox.options.default_venv_backend = "none"
+nox.options.sessions = ["tests"]
+
+
+def _stamp() -> str:
+    h = hashlib.sha256()
+    h.update((ROOT / "pyproject.toml").read_bytes())
+    h.update(" ".join([*TORCH, SAM2, sys.version]).encode())
+    return h.hexdigest()
+
+
+def _env(session: nox.Session) -> None:
+    """Create .venv and install the project into it, unless the stamp says it is already done."""
+    stamp = VENV / ".qbench-installed"
+    if stamp.is_file() and stamp.read_text() == _stamp():
+        return
+    if not (BIN / "python").exists():
+        session.run(sys.executable, "-m", "venv", str(VENV), external=True)
+    pip = [PY, "-m", "pip", "install", "--disable-pip-version-check", "-q"]
+    if TORCH:
+        session.run(*pip, *TORCH, external=True)
+    # sam2's sdist builds a CUDA extension in an isolated env by default; the extension only
+    # fills mask holes, so build it off and against the torch installed above.
+    session.run(*pip, "--no-build-isolation", SAM2, env={"SAM2_BUILD_CUDA": "0"}, external=True)
+    session.run(*pip, "-e", ".[test]", external=True)
+    stamp.write_text(_stamp())
+
+
+@nox.session
+def tests(session: nox.Session) -> None:
+    """The test suite (CPU only)."""
+    _env(session)
+    session.run(PY, "-m", "pytest", *session.posargs, external=True)
+
+
+@nox.session
+def lint(session: nox.Session) -> None:
+    _env(session)
+    session.run(PY, "-m", "ruff", "check", ".", external=True)
+    session.run(PY, "-m", "ruff", "format", "--check", ".", external=True)
+
+
+@nox.session
+def suite(session: nox.Session) -> None:
+    """Run a suite: `nox -s suite -- NAME [dotted.key=value ...]` (resumable)."""
+    if not session.posargs:
+        session.error("usage: nox -s suite -- SUITE_NAME [dotted.key=value ...]")
+    _env(session)
+    session.run(PY, "-m", "harness", "suite", *session.posargs, external=True)
