@@ -43,6 +43,34 @@ def _eval_vos(args) -> int:
     return 0
 
 
+def _inspect(args) -> int:
+    import json
+
+    from harness.config import base_config
+    from harness.quant.inspect import format_text, inspect
+
+    # Without a suite, inspect the min-max PTQ layout (fp, the default method, quantizes nothing).
+    defaults = [] if args.suite else ["method.name=rtn"]
+    cfg = base_config(args.suite, [*defaults, f"model.name={args.model}", *args.overrides])
+    report = inspect(cfg)
+    print(json.dumps(report, indent=1) if args.json else format_text(report))
+    return 0
+
+
+def _bench(args) -> int:
+    import json
+
+    from harness import bench
+    from harness.config import base_config
+    from harness.quant.policy import QuantPolicy
+
+    policy = QuantPolicy.from_config(base_config(None, args.overrides)["quant"])
+    model_list = [(m, None if m == "sam2_small" else args.image_size) for m in args.models]
+    results = bench.run(policy, model_list, repeats=args.repeats)
+    print(json.dumps(results, indent=1) if args.json else bench.format_text(results, policy))
+    return 0
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="qbench", description="Low-bit quantization benchmarks for SAM2.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -68,6 +96,21 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--resolution", default="480p")
     s.add_argument("--out", help="per-object CSV to write")
     s.set_defaults(fn=_eval_vos)
+
+    s = sub.add_parser("inspect", help="per-module quantization plan of a model, with size totals")
+    s.add_argument("model", help="model name, e.g. sam2.1_hiera_t or sam2_small")
+    s.add_argument("overrides", nargs="*", help="dotted overrides, e.g. quant.weight_bits=2 quant.act_bits=4")
+    s.add_argument("--suite", help="take quant and method settings from this suite's base")
+    s.add_argument("--json", action="store_true", help="one JSON document instead of a table")
+    s.set_defaults(fn=_inspect)
+
+    s = sub.add_parser("bench", help="forward time of the fake-quantized model over FP (CPU, one run)")
+    s.add_argument("overrides", nargs="*", help="quant overrides, e.g. quant.weight_bits=4 quant.act_bits=8")
+    s.add_argument("--models", nargs="+", default=["sam2_small", "sam2.1_hiera_t"])
+    s.add_argument("--image-size", type=int, default=512, help="image size of the sam2 models (not sam2_small)")
+    s.add_argument("--repeats", type=int, default=5)
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(fn=_bench)
     return p
 
 

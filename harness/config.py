@@ -32,7 +32,17 @@ DEFAULTS = {
         "calib": {"kind": "synthetic", "root": None, "split": "train", "resolution": "480p", "frames": 16},
         "synthetic": {"sequences": 6, "frames": 10, "size": "256x144", "seed": 0},
     },
-    "quant": {"weight_bits": 8, "act_bits": 8, "scope": DEFAULT_SCOPE, "keep_fp": DEFAULT_KEEP_FP, "bits": {}},
+    "quant": {
+        "weight_bits": 8,
+        "act_bits": 8,
+        "scope": DEFAULT_SCOPE,
+        "keep_fp": DEFAULT_KEEP_FP,
+        "attention": True,
+        "qkv_bits": None,
+        "softmax_bits": None,
+        "softmax_quant": "uniform",
+        "bits": {},
+    },
     "method": {"name": "fp"},
     "eval": {"save_predictions": False},
     "seed": 0,
@@ -123,8 +133,7 @@ def _matches(config: dict, pattern: dict) -> bool:
     return True
 
 
-def load_suite(name: str, overrides: list[str] | None = None) -> Suite:
-    path = find_suite(name)
+def _read(path: Path) -> dict:
     try:
         raw = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
     except OmegaConfBaseException as e:
@@ -136,6 +145,23 @@ def load_suite(name: str, overrides: list[str] | None = None) -> Suite:
     unknown = sorted(set(raw) - SUITE_KEYS)
     if unknown:
         raise ConfigError(f"{path}: unknown top-level key {unknown[0]!r}; expected {', '.join(sorted(SUITE_KEYS))}")
+    return raw
+
+
+def base_config(suite: str | None = None, overrides: list[str] | None = None) -> dict:
+    """One run config: the defaults, a suite's `base` if given, then dotted overrides."""
+    cfg = copy.deepcopy(DEFAULTS)
+    if suite is not None:
+        path = find_suite(suite)
+        cfg = merge(cfg, _read(path).get("base") or {}, f"{path}: base")
+    for key, value in map(parse_override, overrides or []):
+        set_dotted(cfg, key, value, "command-line override")
+    return cfg
+
+
+def load_suite(name: str, overrides: list[str] | None = None) -> Suite:
+    path = find_suite(name)
+    raw = _read(path)
     base = merge(DEFAULTS, raw.get("base") or {}, f"{path}: base")
     matrix = raw.get("matrix") or {}
     for key, values in matrix.items():

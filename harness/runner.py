@@ -74,7 +74,7 @@ def run_one(spec, results_dir: Path) -> dict:
             method.calibrate(model, lambda: vos.run_frames(model, calib_ds, cfg["data"]["calib"]["frames"]))
     with _phase(times, "evaluate"), tempfile.TemporaryDirectory() as tmp:
         save = Path(tmp) / "predictions" if cfg["eval"]["save_predictions"] else None
-        per_object, summary = vos.evaluate(model, eval_ds, save_dir=save)
+        per_object, summary = vos.evaluate(model, eval_ds, decisions, save_dir=save)
         per_object.to_csv(Path(tmp) / "per_object.csv", index=False)
         per_object.groupby("sequence")[["J-mean", "F-mean"]].mean().to_csv(Path(tmp) / "per_sequence.csv")
         with open(Path(tmp) / "quant_plan.tsv", "w") as f:

@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+from brevitas.core.stats import StatsOp
+from brevitas.nn import QuantIdentity
+from brevitas.quant import Uint8ActPerTensorFloat
+
 from harness.errors import ConfigError
 from harness.quant import swap
+from harness.quant.attention import Log2Quant
 from harness.quant.policy import Decision, QuantPolicy
 
 REGISTRY: dict[str, type[Method]] = {}
@@ -49,8 +54,15 @@ class Method:
     def act_quant(self, bits: int):
         raise NotImplementedError
 
+    def softmax_quant(self, bits: int, kind: str):
+        """Quantizer module of post-softmax probabilities: unsigned uniform in [0, max] or log2."""
+        if kind == "log2":
+            return Log2Quant(bits)
+        act_quant = Uint8ActPerTensorFloat.let(bit_width=bits, scaling_stats_op=StatsOp.MAX)
+        return QuantIdentity(act_quant=act_quant, return_quant_tensor=False)
+
     def quantize(self, model, policy: QuantPolicy) -> list[Decision]:
-        return swap.quantize(model, policy, self.weight_quant, self.act_quant)
+        return swap.quantize(model, policy, self)
 
     def calibrate(self, model, feed) -> None:
         """`feed()` runs the calibration frames through `model`."""

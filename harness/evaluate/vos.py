@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 
 from harness.data.davis import DavisDataset, write_palette_png
 from harness.evaluate import metrics
+from harness.quant.state import check_all_active
 
 # sam2 draws a progress bar per sequence for frame loading and for propagation; with hundreds of
 # sequences that buries ours (one bar per phase), so silence its bars.
@@ -64,12 +65,16 @@ def run_frames(model, dataset: DavisDataset, frames: int, desc: str = "calibrati
     return done
 
 
-def evaluate(model, dataset: DavisDataset, save_dir=None, progress: bool = True):
-    """J&F over every sequence of `dataset`.
+def evaluate(model, dataset: DavisDataset, decisions=(), save_dir=None, progress: bool = True):
+    """J&F over every sequence of `dataset`, after checking that every quantizer is active.
+
+    `decisions` (from the quantization policy) lets the check also catch a module the policy
+    quantizes that has no quantizer.
 
     Returns (per-object DataFrame, summary dict with J&F-mean, J-mean, F-mean, ..., fps).
     With `save_dir`, predictions are written as palette PNGs in SAM2's vos_inference layout.
     """
+    check_all_active(model, list(decisions))
     total = sum(len(dataset.frame_names(s)) for s in dataset.sequences)
     scores, seconds = {}, 0.0
     with tqdm(total=total, desc="evaluate", unit="frame", leave=False, disable=None if progress else True) as bar:

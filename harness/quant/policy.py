@@ -1,8 +1,8 @@
-"""Quantization policy: which layers of SAM2 get Brevitas quant layers, and with how many bits.
+"""Quantization policy: which parts of SAM2 get Brevitas quantizers, and with how many bits.
 
 A policy is data (it comes from the suite file's `quant` section). `plan` turns it into one
-decision per Linear / Conv2d / ConvTranspose2d of a model, so that what will be quantized can be
-inspected and logged before anything is swapped.
+decision per Linear / Conv2d / ConvTranspose2d and per attention module of a model, so that what
+will be quantized can be inspected and logged before anything is swapped.
 """
 
 from __future__ import annotations
@@ -13,11 +13,27 @@ from dataclasses import dataclass, field
 import torch.nn as nn
 
 from harness.errors import ConfigError
+from harness.quant.attention import ATTENTION_TYPES
 
 SWAPPABLE = (nn.Linear, nn.Conv2d, nn.ConvTranspose2d)
+BIT_KEYS = ("weight_bits", "act_bits", "qkv_bits", "softmax_bits")
 
+# Parts a scope entry can name: the four the papers quantize (the default), and the prompt
+# encoder's mask downscaling convs and the object-pointer projections, which a user may add.
+PARTS = [
+    "image_encoder.trunk",
+    "image_encoder.neck",
+    "memory_attention",
+    "memory_encoder",
+    "sam_mask_decoder",
+    "sam_prompt_encoder",
+    "obj_ptr_proj",
+    "obj_ptr_tpos_proj",
+    "mask_downsample",
+]
 DEFAULT_SCOPE = ["image_encoder", "memory_attention", "memory_encoder", "sam_mask_decoder"]
-# What the SAM quantization literature (PTQ4SAM, Q-SAM2) keeps in full precision.
+# What the SAM quantization literature (PTQ4SAM, Q-SAM2) keeps in full precision. Positional
+# embeddings and norms are not Linear / Conv layers, so they are never swapped.
 DEFAULT_KEEP_FP = [
     "image_encoder.trunk.patch_embed.*",
     "*iou_prediction_head*",
@@ -33,21 +49,32 @@ class QuantPolicy:
     act_bits: int = 8
     scope: list[str] = field(default_factory=lambda: list(DEFAULT_SCOPE))
     keep_fp: list[str] = field(default_factory=lambda: list(DEFAULT_KEEP_FP))
-    # glob -> {"weight_bits": b, "act_bits": b}; later globs win over earlier ones.
+    # Attention: q/k/v matmul inputs and post-softmax probabilities (None: act_bits).
+    attention: bool = True
+    qkv_bits: int | None = None
+    softmax_bits: int | None = None
+    softmax_quant: str = "uniform"
+    # Mixed precision: module name or glob -> {weight_bits, act_bits, qkv_bits, softmax_bits};
+    # later entries win over earlier ones. Exact names must exist in the model.
     bits: dict[str, dict[str, int]] = field(default_factory=dict)
 
     def __post_init__(self):
-        for key in ("weight_bits", "act_bits"):
+        self.qkv_bits = self.qkv_bits or self.act_bits
+        self.softmax_bits = self.softmax_bits or self.act_bits
+        for key in BIT_KEYS:
             if not 2 <= getattr(self, key) <= 16:
                 raise ConfigError(f"quant.{key}: {getattr(self, key)} is out of range; expected 2..16")
+        if self.softmax_quant not in ("uniform", "log2"):
+            raise ConfigError(f"quant.softmax_quant: {self.softmax_quant!r}; expected 'uniform' or 'log2'")
         for glob, override in self.bits.items():
             for key, value in override.items():
-                if key not in ("weight_bits", "act_bits") or not 2 <= int(value) <= 16:
-                    raise ConfigError(f"quant.bits.{glob}.{key}: expected weight_bits or act_bits in 2..16")
+                if key not in BIT_KEYS or not isinstance(value, int) or not 2 <= value <= 16:
+                    raise ConfigError(f"quant.bits.{glob}.{key}: expected one of {', '.join(BIT_KEYS)} in 2..16")
 
     @classmethod
     def from_config(cls, cfg: dict) -> QuantPolicy:
-        known = {"weight_bits", "act_bits", "scope", "keep_fp", "bits"}
+        known = {"weight_bits", "act_bits", "scope", "keep_fp", "bits", "attention", "qkv_bits", "softmax_bits",
+                 "softmax_quant"}
         unknown = sorted(set(cfg) - known)
         if unknown:
             raise ConfigError(f"quant.{unknown[0]}: unknown key; expected one of {', '.join(sorted(known))}")
@@ -61,7 +88,8 @@ class Decision:
     params: int
     quantize: bool
     weight_bits: int | None = None
-    act_bits: int | None = None
+    act_bits: int | None = None  # layer input; for attention, the q/k/v inputs
+    softmax_bits: int | None = None
     reason: str = ""
 
 
@@ -70,23 +98,40 @@ def _matches(name: str, globs) -> str | None:
 
 
 def plan(model: nn.Module, policy: QuantPolicy) -> list[Decision]:
+    names = {name for name, _ in model.named_modules()}
+    for scope in policy.scope:
+        if scope not in names:
+            raise ConfigError(f"quant.scope: {scope!r} is not a submodule of the model; expected some of {PARTS}")
+    for key in policy.bits:
+        if not any(c in key for c in "*?[") and key not in names:
+            raise ConfigError(f"quant.bits.{key}: no module of that name in the model")
     decisions = []
     for name, module in model.named_modules():
-        if not isinstance(module, SWAPPABLE):
+        attention = isinstance(module, ATTENTION_TYPES)
+        if not (attention or isinstance(module, SWAPPABLE)):
             continue
-        params = sum(p.numel() for p in module.parameters(recurse=False))
-        d = Decision(name, type(module).__name__, params, quantize=False)
+        params = 0 if attention else sum(p.numel() for p in module.parameters(recurse=False))
+        d = Decision(name, "Attention" if attention else type(module).__name__, params, quantize=False)
         in_scope = any(name == s or name.startswith(s + ".") for s in policy.scope)
         kept = _matches(name, policy.keep_fp)
         if not in_scope:
             d.reason = "out of scope"
         elif kept:
             d.reason = f"keep_fp {kept}"
+        elif attention and not policy.attention:
+            d.reason = "quant.attention is off"
+        elif attention:
+            d.quantize, d.act_bits, d.softmax_bits = True, policy.qkv_bits, policy.softmax_bits
         else:
             d.quantize, d.weight_bits, d.act_bits = True, policy.weight_bits, policy.act_bits
+        if d.quantize:
             for glob, override in policy.bits.items():
                 if fnmatch.fnmatchcase(name, glob):
-                    d.weight_bits = int(override.get("weight_bits", d.weight_bits))
-                    d.act_bits = int(override.get("act_bits", d.act_bits))
+                    if attention:
+                        d.act_bits = override.get("qkv_bits", d.act_bits)
+                        d.softmax_bits = override.get("softmax_bits", d.softmax_bits)
+                    else:
+                        d.weight_bits = override.get("weight_bits", d.weight_bits)
+                        d.act_bits = override.get("act_bits", d.act_bits)
         decisions.append(d)
     return decisions

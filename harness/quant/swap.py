@@ -8,35 +8,63 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
+from brevitas.core.scaling.standalone import ParameterFromRuntimeStatsScaling
 from brevitas.graph.calibrate import calibration_mode
 from brevitas.nn import QuantConv2d, QuantConvTranspose2d, QuantLinear
 from brevitas.nn.quant_layer import QuantWeightBiasInputOutputLayer
+from brevitas.quant_tensor import QuantTensor
 
+from harness.quant.attention import quantize_attention
 from harness.quant.policy import Decision, QuantPolicy, plan
 
 
-class _CastInput:
-    # SAM2's video predictor keeps memory features in bfloat16 even on CPU; plain nn layers accept
-    # them under autocast only, Brevitas layers never: cast to the weight's dtype first.
-    def forward(self, x, *args, **kwargs):
+class _FastQuantLayer:
+    """Brevitas Quant* layer with two changes, both invisible in the outputs.
+
+    SAM2's video predictor keeps memory features in bfloat16 even on CPU; plain nn layers accept
+    them under autocast only, Brevitas layers never: inputs are cast to the weight's dtype first.
+    In eval mode the fake-quantized weight depends only on the weight and its quantizer, so it is
+    computed once and reused (Brevitas re-quantizes it at every call, which made quantized
+    evaluation several times slower than FP); it is recomputed when either changes.
+    """
+
+    def forward(self, x):
         if x.dtype != self.weight.dtype and not torch.is_autocast_enabled(x.device.type):
             x = x.to(self.weight.dtype)
-        return super().forward(x, *args, **kwargs)
+        if self.training or self.export_mode or self.output_quant.is_quant_enabled or self.bias_quant.is_quant_enabled:
+            return super().forward(x)
+        x = self.input_quant(x)
+        if isinstance(x, QuantTensor):
+            x = x.value
+        return self.inner_forward_impl(x, self._eval_weight(), self.bias)
+
+    def _eval_weight(self) -> torch.Tensor:
+        key = (
+            self.weight._version,
+            self.weight.data_ptr(),
+            self.weight_quant.is_quant_enabled,
+            tuple(p._version for p in self.weight_quant.parameters()),
+        )
+        if getattr(self, "_eval_weight_key", None) != key:
+            w = self.quant_weight()
+            self._eval_weight_cache = (w.value if isinstance(w, QuantTensor) else w).detach()
+            self._eval_weight_key = key
+        return self._eval_weight_cache
 
 
-class QLinear(_CastInput, QuantLinear):
+class QLinear(_FastQuantLayer, QuantLinear):
     pass
 
 
-class QConv2d(_CastInput, QuantConv2d):
+class QConv2d(_FastQuantLayer, QuantConv2d):
     pass
 
 
-class QConvTranspose2d(_CastInput, QuantConvTranspose2d):
+class QConvTranspose2d(_FastQuantLayer, QuantConvTranspose2d):
     pass
 
 
-def _quant_layer(module: nn.Module, weight_quant, act_quant, d: Decision) -> nn.Module:
+def _quant_layer(module: nn.Module, weight_quant, act_quant) -> nn.Module:
     kw = dict(
         bias=module.bias is not None,
         weight_quant=weight_quant,
@@ -69,18 +97,22 @@ def _quant_layer(module: nn.Module, weight_quant, act_quant, d: Decision) -> nn.
     return q
 
 
-def quantize(model: nn.Module, policy: QuantPolicy, weight_quant, act_quant) -> list[Decision]:
+def quantize(model: nn.Module, policy: QuantPolicy, method) -> list[Decision]:
     """Swap every layer the policy selects; returns all decisions (quantized and kept in FP).
 
-    `weight_quant(bits)` and `act_quant(bits)` give the Brevitas injector for a layer.
+    `method.weight_quant(bits)`, `method.act_quant(bits)` give a layer's Brevitas injectors and
+    `method.softmax_quant(bits, kind)` an attention module's probability quantizer.
     """
     decisions = plan(model, policy)
     for d in decisions:
-        if d.quantize:
+        if d.quantize and d.kind == "Attention":
+            attn = model.get_submodule(d.name)
+            quantize_attention(attn, method.act_quant(d.act_bits), method.softmax_quant(d.softmax_bits, policy.softmax_quant))
+        elif d.quantize:
             parent_name, _, child = d.name.rpartition(".")
             parent = model.get_submodule(parent_name)
             old = getattr(parent, child)
-            setattr(parent, child, _quant_layer(old, weight_quant(d.weight_bits), act_quant(d.act_bits), d))
+            setattr(parent, child, _quant_layer(old, method.weight_quant(d.weight_bits), method.act_quant(d.act_bits)))
     return decisions
 
 
@@ -89,8 +121,15 @@ def quant_layers(model: nn.Module) -> dict[str, QuantWeightBiasInputOutputLayer]
 
 
 def calibrate(model: nn.Module, feed) -> None:
-    """Collect activation statistics with Brevitas's calibration mode while `feed()` runs data."""
+    """Collect activation statistics with Brevitas's calibration mode while `feed()` runs data.
+
+    Brevitas finalizes every quantizer on exit, also those that saw no data; those are marked
+    `calibration_starved` so that the all-active check refuses to evaluate them.
+    """
     was_training = model.training
     with torch.no_grad(), calibration_mode(model):
         feed()
+        starved = [m for m in model.modules() if isinstance(m, ParameterFromRuntimeStatsScaling) and m.counter == 0]
+    for m in starved:
+        m.calibration_starved = True
     model.train(was_training)

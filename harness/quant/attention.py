@@ -1,0 +1,98 @@
+"""Quantized attention: the q, k, v inputs of the attention matmuls and the post-softmax probabilities.
+
+SAM2's three attention types (Hiera's MultiScaleAttention, the two-way transformer's Attention and
+memory attention's RoPEAttention) each call `F.scaled_dot_product_attention` once per forward, after
+their own projections, pooling and rotary embedding. Rather than copying their forwards, a quantized
+attention module runs its original forward under a TorchFunctionMode that routes that one call to
+an explicit softmax(q k^T) v with this module's own quantizers; no scale is shared between modules.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from brevitas.nn import QuantIdentity
+from sam2.modeling.backbones.hieradet import MultiScaleAttention
+from sam2.modeling.sam.transformer import Attention
+from torch.overrides import TorchFunctionMode
+
+ATTENTION_TYPES = (MultiScaleAttention, Attention)
+
+
+class Log2Quant(nn.Module):
+    """Log2 quantizer of post-softmax probabilities, the base form of PTQ4SAM's AGQ (Lv et al., CVPR 2024).
+
+    x_int = round(-tau * log2(x / s)), x_hat = s * 2^(-x_int / tau) for x_int in [0, 2^b - 1], and 0
+    for entries past the range; straight-through gradient.
+    """
+
+    def __init__(self, bits: int, tau: float = 1.0):
+        super().__init__()
+        self.bits, self.tau = bits, tau
+        self.register_buffer("scale", torch.ones(()))
+        self.disable_quant = False
+
+    @property
+    def is_quant_enabled(self) -> bool:
+        return not self.disable_quant
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.disable_quant:
+            return x
+        levels = 2**self.bits - 1
+        x_int = torch.round(-self.tau * torch.log2(x.clamp_min(torch.finfo(x.dtype).tiny) / self.scale))
+        x_hat = torch.where(x_int > levels, 0.0, self.scale * torch.exp2(-x_int.clamp_min(0) / self.tau))
+        return x + (x_hat - x).detach()
+
+    def extra_repr(self) -> str:
+        return f"bits={self.bits}, tau={self.tau}"
+
+
+class _RouteSDPA(TorchFunctionMode):
+    def __init__(self, owner):
+        super().__init__()
+        self.owner = owner
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is F.scaled_dot_product_attention:
+            return self.owner.quant_sdpa(*args, **kwargs)
+        return func(*args, **kwargs)
+
+
+class QuantAttentionMixin:
+    """Mixed into an attention module's class in place; its parameters and state-dict keys stay."""
+
+    def forward(self, *args, **kwargs):
+        with _RouteSDPA(self):
+            return super().forward(*args, **kwargs)
+
+    def quant_sdpa(self, q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
+        if attn_mask is not None or is_causal or enable_gqa:
+            raise NotImplementedError("quantized attention supports plain (unmasked) attention only, as SAM2 uses")
+        q, k, v = self.q_quant(q), self.k_quant(k), self.v_quant(v)
+        scores = (q @ k.transpose(-2, -1)) * (scale if scale is not None else 1 / math.sqrt(q.shape[-1]))
+        probs = self.softmax_quant(scores.softmax(dim=-1))
+        if dropout_p:
+            probs = F.dropout(probs, dropout_p)
+        return probs @ v
+
+
+_CLASSES: dict[type, type] = {}
+
+
+def quantize_attention(module: nn.Module, qkv_quant, softmax_quant: nn.Module) -> None:
+    """Give `module` its own q/k/v quantizers (Brevitas injector `qkv_quant`) and `softmax_quant`."""
+    cls = type(module)
+    if cls not in _CLASSES:
+        # One subclass per attention class, registered here so that pickling can find it by name.
+        _CLASSES[cls] = type(f"Quant{cls.__name__}", (QuantAttentionMixin, cls), {"__module__": __name__})
+        globals()[_CLASSES[cls].__name__] = _CLASSES[cls]
+    module.__class__ = _CLASSES[cls]
+    device = next(module.parameters()).device
+    for name in ("q_quant", "k_quant", "v_quant"):
+        setattr(module, name, QuantIdentity(act_quant=qkv_quant, return_quant_tensor=False).to(device))
+    module.softmax_quant = softmax_quant.to(device)

@@ -1,0 +1,75 @@
+"""Quantizer state: list, enable and disable quantizers per module, and check that all are active.
+
+Every evaluation calls `check_all_active`: a model evaluated with some quantizer left disabled or
+never calibrated reports optimistic numbers (a published SAM PTQ codebase evaluated with half of
+its layer-input quantizers disabled), so that must fail loudly instead.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+
+import torch.nn as nn
+from brevitas.core.scaling.standalone import ParameterFromRuntimeStatsScaling
+
+from harness.errors import QBenchError
+from harness.quant.attention import QuantAttentionMixin
+from harness.quant.policy import Decision
+from harness.quant.swap import quant_layers
+
+KINDS = ("weight", "act", "attention")
+
+
+class QuantStateError(QBenchError):
+    """A model is not fully quantized as its policy asked."""
+
+
+def quantizers(model: nn.Module) -> dict[str, tuple[str, nn.Module]]:
+    """Every quantizer of the model: "module.quantizer" -> (kind, quantizer)."""
+    out = {}
+    for name, layer in quant_layers(model).items():
+        out[f"{name}.weight_quant"] = ("weight", layer.weight_quant)
+        out[f"{name}.input_quant"] = ("act", layer.input_quant)
+    for name, module in model.named_modules():
+        if isinstance(module, QuantAttentionMixin):
+            for q in ("q_quant", "k_quant", "v_quant", "softmax_quant"):
+                out[f"{name}.{q}"] = ("attention", getattr(module, q))
+    return out
+
+
+def _proxy(quantizer: nn.Module) -> nn.Module:
+    # A QuantIdentity keeps its enable flag on its act_quant proxy.
+    return getattr(quantizer, "act_quant", quantizer)
+
+
+def set_enabled(model: nn.Module, enabled: bool, kinds=KINDS, modules: str = "*") -> int:
+    """Enable or disable the quantizers of `kinds` in modules matching the glob; returns how many."""
+    count = 0
+    for name, (kind, quantizer) in quantizers(model).items():
+        if kind in kinds and fnmatch.fnmatchcase(name.rsplit(".", 1)[0], modules):
+            _proxy(quantizer).disable_quant = not enabled
+            count += 1
+    return count
+
+
+def _uncalibrated(quantizer: nn.Module) -> bool:
+    return any(
+        isinstance(m, ParameterFromRuntimeStatsScaling)
+        and (m.counter <= m.collect_stats_steps or getattr(m, "calibration_starved", False))
+        for m in quantizer.modules()
+    )
+
+
+def check_all_active(model: nn.Module, decisions: list[Decision]) -> None:
+    """Raise unless every module the policy quantizes has all its quantizers enabled and calibrated."""
+    found = quantizers(model)
+    modules = {name.rsplit(".", 1)[0] for name in found}
+    problems = [f"{d.name} is not quantized" for d in decisions if d.quantize and d.name not in modules]
+    for name, (_, quantizer) in found.items():
+        if not _proxy(quantizer).is_quant_enabled:
+            problems.append(f"{name} is disabled")
+        elif _uncalibrated(quantizer):
+            problems.append(f"{name} was never calibrated")
+    if problems:
+        more = f" (+{len(problems) - 3} more)" if len(problems) > 3 else ""
+        raise QuantStateError(f"{len(problems)} quantizers not active: {'; '.join(problems[:3])}{more}")
