@@ -35,9 +35,9 @@ def _video_step(model, ds, seq, frames):
     vos.predict_sequence(model, ds, seq, max_frames=frames)
 
 
-def _timed(fn) -> float:
+def _timed(fn, *args) -> float:
     start = time.perf_counter()
-    fn()
+    fn(*args)
     return time.perf_counter() - start
 
 
@@ -64,8 +64,8 @@ def bench_model(name, image_size, policy: QuantPolicy, method_name="rtn", repeat
             with torch.inference_mode():
                 step(fp), step(q)  # warm-up
                 for _ in range(repeats):
-                    times["fp"].append(_timed(lambda: step(fp)))
-                    times["quant"].append(_timed(lambda: step(q)))
+                    times["fp"].append(_timed(step, fp))
+                    times["quant"].append(_timed(step, q))
             # A video call tracks `frames` frames; report the time of one tracking step.
             per = frames if label == "video_frame" else 1
             fp_s, q_s = statistics.median(times["fp"]) / per, statistics.median(times["quant"]) / per
@@ -78,8 +78,10 @@ def run(policy: QuantPolicy, model_list=DEFAULT_MODELS, repeats=5) -> list[dict]
 
 
 def format_text(results: list[dict], policy: QuantPolicy) -> str:
-    lines = [f"rtn W{policy.weight_bits}A{policy.act_bits} (attention {'on' if policy.attention else 'off'}), "
-             f"torch threads {torch.get_num_threads()}"]
+    lines = [
+        f"rtn W{policy.weight_bits}A{policy.act_bits} (attention {'on' if policy.attention else 'off'}), "
+        f"torch threads {torch.get_num_threads()}"
+    ]
     lines.append(f"{'model':<16} {'size':>5} {'workload':<12} {'fp ms':>9} {'quant ms':>9} {'ratio':>6}")
     for r in results:
         for label in ("image", "video_frame"):

@@ -12,9 +12,14 @@ from harness.errors import QBenchError
 
 def _suite(args) -> int:
     from harness.config import load_suite
-    from harness.runner import run_suite
+    from harness.runner import run_suite, status
 
     suite = load_suite(args.suite, args.overrides)
+    if args.dry_run:
+        print(f"suite {suite.name} ({suite.path}): {len(suite.runs)} runs")
+        for spec, state in status(suite, args.results):
+            print(f"  {spec.run_key}  {state:<8}  {spec.name}")
+        return 0
     rows, failed = run_suite(suite, args.results)
     print(f"{len(rows)}/{len(suite.runs)} runs finished; summary: {args.results}/{suite.name}/summary.md")
     for name, reason in failed:
@@ -79,6 +84,7 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("suite", help="suite name (suites/NAME.yaml) or path to a suite file")
     s.add_argument("overrides", nargs="*", help="dotted overrides, e.g. quant.act_bits=8")
     s.add_argument("--results", default="results", help="results folder (MLflow db, artifacts, tables)")
+    s.add_argument("--dry-run", action="store_true", help="list the runs, their run_keys and which are finished")
     s.set_defaults(fn=_suite)
 
     s = sub.add_parser("make-data", help="generate a synthetic video dataset in the DAVIS 2017 layout")

@@ -1,9 +1,10 @@
-"""Suite files: load (OmegaConf), merge over the defaults, expand the matrix into RunSpecs.
+"""Suite files: load (OmegaConf), validate (harness.schema), expand the matrix into RunSpecs.
 
-A suite file has `name`, `base` (any part of the run config), `matrix` (dotted key -> list of
-values, expanded as a cartesian product), `exclude` (list of {dotted key: value} patterns) and
-`report`. Command-line overrides (`quant.act_bits=8`) apply to every expanded run, last.
-Full schema validation is a later step; unknown top-level and section keys are already errors.
+A suite file has `name`, `base` (any part of the run config), `seeds`, `matrix` (dotted key ->
+list of values, expanded as a cartesian product), `include` (extra runs: {dotted key: value} over
+base) and `exclude` (patterns of {dotted key: value}), `report` and `search`. Command-line
+overrides (`quant.act_bits=8`) apply to every expanded run, last. Every run config is validated
+and default-filled before anything runs; run_key hashes that canonical form.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import difflib
 import hashlib
 import itertools
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -20,35 +22,11 @@ import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+import methods
 from harness.errors import ConfigError
-from harness.quant.policy import DEFAULT_KEEP_FP, DEFAULT_SCOPE
+from harness.schema import RunConfig, SuiteFile, validate
 
-DEFAULTS = {
-    "model": {"name": "sam2_small", "checkpoint": None, "image_size": None},
-    "data": {
-        # kind "synthetic" generates a DAVIS-layout dataset under results/data (once) and reads it
-        # with the DAVIS loader; kind "davis" reads `root` as it is.
-        "eval": {"kind": "synthetic", "root": None, "split": "val", "resolution": "480p", "max_sequences": None},
-        "calib": {"kind": "synthetic", "root": None, "split": "train", "resolution": "480p", "frames": 16},
-        "synthetic": {"sequences": 6, "frames": 10, "size": "256x144", "seed": 0},
-    },
-    "quant": {
-        "weight_bits": 8,
-        "act_bits": 8,
-        "scope": DEFAULT_SCOPE,
-        "keep_fp": DEFAULT_KEEP_FP,
-        "attention": True,
-        "qkv_bits": None,
-        "softmax_bits": None,
-        "softmax_quant": "uniform",
-        "bits": {},
-    },
-    "method": {"name": "fp"},
-    "eval": {"save_predictions": False},
-    "seed": 0,
-    "device": None,
-}
-SUITE_KEYS = {"name", "description", "base", "matrix", "exclude", "report"}
+DEFAULTS = RunConfig().model_dump()
 SUITES_DIR = Path(__file__).resolve().parents[1] / "suites"
 
 
@@ -91,34 +69,19 @@ def parse_override(item: str) -> tuple[str, object]:
 def set_dotted(cfg: dict, key: str, value, where: str) -> None:
     node, parts = cfg, key.split(".")
     for i, part in enumerate(parts[:-1]):
-        if not isinstance(node.get(part), dict):
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
             raise ConfigError(f"{where}: {'.'.join(parts[: i + 1])} is not a section (in key {key!r})")
-        node = node[part]
-    _check_known(node, parts[-1], key, where)
     node[parts[-1]] = value
 
 
-def _check_known(section: dict, leaf: str, key: str, where: str) -> None:
-    # Method parameters, per-glob bits and free-form sections take any key; everything else must exist.
-    free = key.startswith(("method.", "quant.bits."))
-    if not free and leaf not in section:
-        close = difflib.get_close_matches(leaf, list(section), n=1)
-        hint = f"; did you mean {key.rsplit('.', 1)[0]}.{close[0]}?" if close else ""
-        raise ConfigError(f"{where}: unknown key {key!r}{hint}")
-
-
-def merge(base: dict, extra: dict, where: str, prefix: str = "") -> dict:
+def merge(base: dict, extra: dict) -> dict:
     out = copy.deepcopy(base)
     for k, v in extra.items():
-        key = f"{prefix}{k}"
-        if prefix == "" and k not in out:
-            close = difflib.get_close_matches(k, list(out), n=1)
-            raise ConfigError(f"{where}: unknown key {key!r}" + (f"; did you mean {close[0]!r}?" if close else ""))
-        if isinstance(v, dict) and isinstance(out.get(k), dict) and not key.startswith(("quant.bits", "method")):
-            out[k] = merge(out[k], v, where, f"{key}.")
+        # Method parameters and per-module bit maps are replaced whole, not merged key by key.
+        if isinstance(v, dict) and isinstance(out.get(k), dict) and k not in ("method", "bits"):
+            out[k] = merge(out[k], v)
         else:
-            if prefix:
-                _check_known(out, k, key, where)
             out[k] = copy.deepcopy(v)
     return out
 
@@ -133,54 +96,102 @@ def _matches(config: dict, pattern: dict) -> bool:
     return True
 
 
-def _read(path: Path) -> dict:
+def canonical(cfg: dict, where: str) -> dict:
+    """Validated, default-filled run config: what run_key hashes.
+
+    The method validates its own parameters. Parameters of other registered methods are dropped
+    (a suite sweeping method.name over [fp, rtn, lsq] sets each one's parameters in one `method`
+    section), and a method that quantizes nothing gets the default quant section, so that
+    settings which cannot change a run cannot make two run_keys for it.
+    """
+    out = validate(RunConfig, cfg, where).model_dump()
+    for glob, bits in out["quant"]["bits"].items():
+        out["quant"]["bits"][glob] = {k: v for k, v in bits.items() if v is not None}
+    params = dict(out["method"])
+    name = params.pop("name")
+    others = {k for cls in methods.REGISTRY.values() for k in cls.defaults}
+    for key in params:
+        if key not in others:
+            close = difflib.get_close_matches(key, sorted(others), n=1)
+            hint = f"; did you mean 'method.{close[0]}'?" if close else ""
+            raise ConfigError(f"{where}: method.{key}: not a parameter of any method{hint}")
+    cls = methods.REGISTRY.get(name)
+    own = {k: v for k, v in params.items() if cls is None or k in cls.defaults}
+    try:
+        method = methods.get(name, **own)
+    except ConfigError as e:
+        raise ConfigError(f"{where}: {e}") from None
+    out["method"] = {"name": name, **method.params}
+    if not method.quantizes:
+        out["quant"] = copy.deepcopy(DEFAULTS["quant"])
+    return out
+
+
+def _read(path: Path) -> SuiteFile:
     try:
         raw = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
     except OmegaConfBaseException as e:
-        raise ConfigError(f"{path}: {str(e).splitlines()[0]}") from e
+        msg = str(e).splitlines()[0]
+        missing = re.search(r"Environment variable '([^']+)' not found", msg)
+        if missing:
+            msg = f"environment variable {missing.group(1)} is not set"
+        raise ConfigError(f"{path}: {getattr(e, 'full_key', None) or 'interpolation'}: {msg}") from None
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML: {str(e).splitlines()[0]}") from e
     if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: expected a mapping with keys {', '.join(sorted(SUITE_KEYS))}")
-    unknown = sorted(set(raw) - SUITE_KEYS)
-    if unknown:
-        raise ConfigError(f"{path}: unknown top-level key {unknown[0]!r}; expected {', '.join(sorted(SUITE_KEYS))}")
-    return raw
+        raise ConfigError(f"{path}: expected a mapping of suite keys ({', '.join(SuiteFile.model_fields)})")
+    return validate(SuiteFile, raw, str(path))
 
 
 def base_config(suite: str | None = None, overrides: list[str] | None = None) -> dict:
     """One run config: the defaults, a suite's `base` if given, then dotted overrides."""
-    cfg = copy.deepcopy(DEFAULTS)
+    cfg, where = copy.deepcopy(DEFAULTS), "command-line override"
     if suite is not None:
         path = find_suite(suite)
-        cfg = merge(cfg, _read(path).get("base") or {}, f"{path}: base")
+        cfg = merge(cfg, _read(path).base)
+        where = f"{path}: base or override"
     for key, value in map(parse_override, overrides or []):
         set_dotted(cfg, key, value, "command-line override")
-    return cfg
+    return canonical(cfg, where)
 
 
 def load_suite(name: str, overrides: list[str] | None = None) -> Suite:
     path = find_suite(name)
-    raw = _read(path)
-    base = merge(DEFAULTS, raw.get("base") or {}, f"{path}: base")
-    matrix = raw.get("matrix") or {}
+    suite = _read(path)
+    base = merge(DEFAULTS, suite.base)
+    canonical(base, f"{path}: base")
+    matrix = dict(suite.matrix)
+    if suite.seeds:
+        matrix["seed"] = suite.seeds
     for key, values in matrix.items():
-        if not isinstance(values, list) or not values:
+        if not values:
             raise ConfigError(f"{path}: matrix.{key}: expected a non-empty list of values")
     parsed = [parse_override(o) for o in overrides or []]
+    combos = [dict(zip(matrix, combo)) for combo in itertools.product(*matrix.values())]
+    combos = [c for c in combos if not any(_matches_flat(c, base, p) for p in suite.exclude)]
+    combos += [dict(extra) for extra in suite.include]
     runs, seen = [], set()
-    for combo in itertools.product(*matrix.values()):
+    for combo in combos:
         cfg = copy.deepcopy(base)
-        for key, value in zip(matrix, combo):
+        for key, value in combo.items():
             set_dotted(cfg, key, value, f"{path}: matrix")
-        if any(_matches(cfg, pattern) for pattern in raw.get("exclude") or []):
-            continue
         for key, value in parsed:
             set_dotted(cfg, key, value, "command-line override")
+        where = f"{path}: run {_label(combo)}" + (" (with command-line overrides)" if parsed else "")
+        cfg = canonical(cfg, where)
         key = run_key(cfg)
-        if key in seen:
-            continue
-        seen.add(key)
-        label = ",".join(f"{k.rsplit('.', 1)[-1]}={v}" for k, v in zip(matrix, combo)) or "base"
-        runs.append(RunSpec(label, cfg, key))
-    return Suite(raw.get("name", path.stem), path, runs, raw.get("report") or {})
+        if key not in seen:
+            seen.add(key)
+            runs.append(RunSpec(_label(combo), cfg, key))
+    return Suite(suite.name or path.stem, path, runs, suite.report.model_dump())
+
+
+def _matches_flat(combo: dict, base: dict, pattern: dict) -> bool:
+    cfg = copy.deepcopy(base)
+    for key, value in combo.items():
+        set_dotted(cfg, key, value, "exclude")
+    return _matches(cfg, pattern)
+
+
+def _label(combo: dict) -> str:
+    return ",".join(f"{k.rsplit('.', 1)[-1]}={v}" for k, v in combo.items()) or "base"

@@ -7,9 +7,9 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import tempfile
 import time
-import traceback
 from pathlib import Path
 
 import mlflow
@@ -18,7 +18,8 @@ from tqdm.auto import tqdm
 
 import methods
 from harness import models
-from harness.config import Suite
+from harness.claims import Claims
+from harness.config import RunSpec, Suite
 from harness.data import synthetic
 from harness.data.davis import DavisDataset
 from harness.evaluate import vos
@@ -40,8 +41,6 @@ def dataset(cfg: dict, part: str, results_dir: Path) -> DavisDataset:
             synthetic.generate(
                 root, sequences=s["sequences"], frames=s["frames"], size=synthetic.parse_size(s["size"]), seed=s["seed"]
             )
-    elif d["kind"] != "davis":
-        raise ValueError(f"data.{part}.kind: {d['kind']!r}; expected 'davis' or 'synthetic'")
     ds = DavisDataset(root, split=d["split"], resolution=d["resolution"])
     if d.get("max_sequences"):
         ds.sequences = ds.sequences[: d["max_sequences"]]
@@ -78,32 +77,67 @@ def run_one(spec, results_dir: Path) -> dict:
         per_object.to_csv(Path(tmp) / "per_object.csv", index=False)
         per_object.groupby("sequence")[["J-mean", "F-mean"]].mean().to_csv(Path(tmp) / "per_sequence.csv")
         with open(Path(tmp) / "quant_plan.tsv", "w") as f:
-            f.write("module\tkind\tparams\tquantized\tweight_bits\tact_bits\treason\n")
+            f.write("module\tkind\tparams\tquantized\tweight_bits\tact_bits\tsoftmax_bits\treason\n")
             for d in decisions:
-                f.write(f"{d.name}\t{d.kind}\t{d.params}\t{d.quantize}\t{d.weight_bits}\t{d.act_bits}\t{d.reason}\n")
+                bits = f"{d.weight_bits}\t{d.act_bits}\t{d.softmax_bits}"
+                f.write(f"{d.name}\t{d.kind}\t{d.params}\t{d.quantize}\t{bits}\t{d.reason}\n")
         mlflow.log_artifacts(tmp)
     metrics = {**summary, **model_size(model), **times}
     metrics = {k.replace("&", "_"): float(v) for k, v in metrics.items()}
+    metrics["quantized_modules"] = sum(d.quantize for d in decisions)
     mlflow.log_metrics(metrics)
+    check_finite(metrics)
     return metrics
 
 
-def run_suite(suite: Suite, results_dir: str | Path = "results") -> list[dict]:
-    """Run every spec not already FINISHED; failures are recorded and the suite goes on."""
+class NonFiniteError(RuntimeError):
+    """A metric or loss is NaN or infinite: the run is recorded as FAILED."""
+
+
+def check_finite(values: dict) -> None:
+    bad = {k: v for k, v in values.items() if not math.isfinite(v)}
+    if bad:
+        raise NonFiniteError(f"non-finite values: {bad}")
+
+
+def status(suite: Suite, results_dir: str | Path = "results") -> list[tuple[RunSpec, str]]:
+    """(spec, FINISHED | RUNNING | pending) for each run; reads records without creating any."""
+    results_dir = Path(results_dir)
+    if not (results_dir / "mlflow.db").is_file():
+        return [(spec, "pending") for spec in suite.runs]
+    tracker, claims = Tracker(results_dir, suite.name), Claims(results_dir / "claims" / suite.name)
+    out = []
+    for spec in suite.runs:
+        if tracker.finished(spec.run_key):
+            out.append((spec, "FINISHED"))
+        else:
+            out.append((spec, "RUNNING" if claims.owner(spec.run_key) else "pending"))
+    return out
+
+
+def run_suite(suite: Suite, results_dir: str | Path = "results") -> tuple[list[dict], list[tuple[str, str]]]:
+    """Run every spec not FINISHED and not claimed by a live process; failures are recorded
+    (FAILED, reason tag, traceback artifact) and the suite goes on. Returns (summary rows, failures).
+    """
     results_dir = Path(results_dir)
     tracker = Tracker(results_dir, suite.name)
+    claims = Claims(results_dir / "claims" / suite.name)
     failed = []
     with tracker.suite(suite.name, len(suite.runs)):
         for spec in tqdm(suite.runs, desc=f"suite {suite.name}", unit="run", disable=None):
-            if tracker.finished(spec.run_key):
-                log.info("skip %s (run_key %s already FINISHED)", spec.name, spec.run_key)
+            claim = claims.claim(spec.run_key, lambda s=spec: tracker.finished(s.run_key) is not None)
+            if claim != "claimed":
+                log.info("skip %s (run_key %s %s)", spec.name, spec.run_key, claim)
                 continue
             try:
+                tracker.mark_killed(spec.run_key)
                 with tracker.run(spec):
                     run_one(spec, results_dir)
             except Exception as e:  # noqa: BLE001 - a failed run is recorded; the suite goes on
-                log.error("run %s failed: %s\n%s", spec.name, e, traceback.format_exc())
+                log.error("run %s failed: %s: %s", spec.name, type(e).__name__, e)
                 failed.append((spec.name, f"{type(e).__name__}: {e}"))
+            finally:
+                claims.release(spec.run_key)
     rows = summary_rows(suite, tracker)
     write_summary(rows, results_dir / suite.name / "summary.md")
     return rows, failed

@@ -12,11 +12,13 @@ import os
 import platform
 import subprocess
 import time
+import traceback
 from contextlib import contextmanager
 from importlib import metadata
 from pathlib import Path
 
 import mlflow
+import torch
 from mlflow.tracking import MlflowClient
 
 # MLflow's alembic migrations and its sqlite store log at INFO on every connection.
@@ -36,24 +38,24 @@ def flatten(cfg: dict, prefix: str = "") -> dict[str, str]:
     return {k: str(v) for k, v in out.items()}
 
 
-def versions() -> dict[str, str]:
-    tags = {"python": platform.python_version()}
+def environment() -> dict[str, str]:
+    """Versions, the harness's git commit and the device: tags on every record."""
+    tags = {"version.python": platform.python_version()}
     for pkg in ("torch", "sam2", "brevitas", "mlflow", "sam2-qbench"):
         try:
-            tags[pkg] = metadata.version(pkg)
+            tags[f"version.{pkg}"] = metadata.version(pkg)
         except metadata.PackageNotFoundError:
-            tags[pkg] = "not installed"
+            tags[f"version.{pkg}"] = "not installed"
+    git = ["git", "-C", str(Path(__file__).resolve().parents[1]), "rev-parse", "HEAD"]
     try:
-        root = Path(__file__).resolve().parents[1]
-        tags["git_commit"] = (
-            subprocess.run(
-                ["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5
-            ).stdout.strip()
-            or "unknown"
-        )
+        tags["git_commit"] = subprocess.run(git, capture_output=True, text=True, timeout=5).stdout.strip() or "unknown"
     except (OSError, subprocess.SubprocessError):
         tags["git_commit"] = "unknown"
-    return {f"version.{k}" if k != "git_commit" else k: v for k, v in tags.items()}
+    if torch.cuda.is_available():
+        tags["device"] = torch.cuda.get_device_name()
+    else:
+        tags["device"] = f"cpu {platform.machine()} ({torch.get_num_threads()} threads)"
+    return tags
 
 
 class Tracker:
@@ -81,23 +83,32 @@ class Tracker:
         )
         return runs[0] if runs else None
 
+    def mark_killed(self, key: str) -> None:
+        """Close RUNNING records of a run whose process died (its claim was stale)."""
+        for run in self.client.search_runs(
+            [self.experiment_id], filter_string=f"tags.run_key = '{key}' and attributes.status = 'RUNNING'"
+        ):
+            self.client.set_tag(run.info.run_id, "failure_reason", "process died before the run ended")
+            self.client.set_terminated(run.info.run_id, status="KILLED")
+
     @contextmanager
     def suite(self, name: str, n_runs: int):
         with mlflow.start_run(
             experiment_id=self.experiment_id, run_name=f"{name} {time.strftime('%Y-%m-%d %H:%M:%S')}"
         ):
-            mlflow.set_tags({"kind": "suite", "suite": name, "runs": str(n_runs), **versions()})
+            mlflow.set_tags({"kind": "suite", "suite": name, "runs": str(n_runs), **environment()})
             yield
 
     @contextmanager
     def run(self, spec):
         """A child run; an exception marks it FAILED with the reason as a tag, then propagates."""
         with mlflow.start_run(experiment_id=self.experiment_id, run_name=spec.name, nested=True) as run:
-            mlflow.set_tags({"kind": "run", "run_key": spec.run_key, "suite": self.experiment, **versions()})
+            mlflow.set_tags({"kind": "run", "run_key": spec.run_key, "suite": self.experiment, **environment()})
             mlflow.log_params(flatten(spec.config))
             try:
                 yield run
             except BaseException as e:
                 mlflow.set_tag("failure_reason", f"{type(e).__name__}: {e}"[:5000])
-                mlflow.end_run(status="FAILED")
+                mlflow.log_text(traceback.format_exc(), "traceback.txt")
+                mlflow.end_run(status="KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")
                 raise

@@ -59,6 +59,7 @@ class QuantPolicy:
     bits: dict[str, dict[str, int]] = field(default_factory=dict)
 
     def __post_init__(self):
+        self.bits = {g: {k: v for k, v in o.items() if v is not None} for g, o in self.bits.items()}
         self.qkv_bits = self.qkv_bits or self.act_bits
         self.softmax_bits = self.softmax_bits or self.act_bits
         for key in BIT_KEYS:
@@ -73,8 +74,17 @@ class QuantPolicy:
 
     @classmethod
     def from_config(cls, cfg: dict) -> QuantPolicy:
-        known = {"weight_bits", "act_bits", "scope", "keep_fp", "bits", "attention", "qkv_bits", "softmax_bits",
-                 "softmax_quant"}
+        known = {
+            "weight_bits",
+            "act_bits",
+            "scope",
+            "keep_fp",
+            "bits",
+            "attention",
+            "qkv_bits",
+            "softmax_bits",
+            "softmax_quant",
+        }
         unknown = sorted(set(cfg) - known)
         if unknown:
             raise ConfigError(f"quant.{unknown[0]}: unknown key; expected one of {', '.join(sorted(known))}")

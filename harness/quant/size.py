@@ -1,14 +1,19 @@
 """Model-size accounting: bytes of the packed representation against the same model in BF16.
 
 Packed bytes: b-bit integer codes of each quantized weight (ceil(numel * b / 8) per tensor), one
-16-bit scale per output channel, 16-bit activation scales, and every other parameter in BF16.
-Buffers (positional caches, Brevitas bookkeeping) are not model weights and are not counted.
+scale per output channel, one byte per zero point of an asymmetric weight quantizer (symmetric
+ones have none), activation-quantizer scales, and every other stored tensor, each value at
+`fp_bytes` (2 = BF16, 4 = float32). This is exactly what harness.quant.export writes: the tensors
+of `stored_tensors`, i.e. every parameter and persistent buffer. The one persistent buffer SAM2 has
+is model data (the prompt encoder's random Fourier matrix); Brevitas bookkeeping and positional
+caches are not persistent and are not counted.
 """
 
 from __future__ import annotations
 
 import math
 
+import torch
 import torch.nn as nn
 
 from harness.quant.swap import quant_layers
@@ -20,27 +25,34 @@ def _is_quantizer_param(name: str) -> bool:
     return "_quant." in name or name.startswith(("input_quant", "weight_quant", "output_quant"))
 
 
-def model_size(model: nn.Module) -> dict[str, float]:
-    qlayers = quant_layers(model)
-    q_weights = {f"{n}.weight" for n in qlayers}
-    total = fp_bytes = q_bytes = q_params = 0
+def stored_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Every tensor a packed export holds (quantized weights included, as floats), by state-dict key."""
+    # Brevitas leaves never-calibrated activation scales out of state_dict but rewrites half-collected
+    # ones there: start from the parameters, let state_dict win.
+    return {**{k: p.detach() for k, p in model.named_parameters()}, **model.state_dict()}
+
+
+@torch.no_grad()
+def model_size(model: nn.Module, fp_bytes: int = BF16) -> dict[str, float]:
+    q_weights = {f"{n}.weight": layer for n, layer in quant_layers(model).items()}
+    total = fp_total = q_bytes = q_params = 0
     bit_sum = 0.0
-    for name, p in model.named_parameters():
+    for name, t in stored_tensors(model).items():
+        width = fp_bytes if t.is_floating_point() else t.element_size()
         if _is_quantizer_param(name):
+            q_bytes += t.numel() * width
             continue
-        total += p.numel()
+        total += t.numel()
         if name in q_weights:
-            layer = qlayers[name[: -len(".weight")]]
-            bits = int(layer.weight_quant.bit_width())
-            out_channels = p.shape[1] if isinstance(layer, nn.ConvTranspose2d) else p.shape[0]
-            q_bytes += math.ceil(p.numel() * bits / 8) + out_channels * BF16
-            q_params += p.numel()
-            bit_sum += p.numel() * bits
+            qw = q_weights[name].quant_weight()
+            bits = int(qw.bit_width)
+            zero_points = qw.zero_point.numel() if qw.zero_point.any() else 0
+            q_bytes += math.ceil(t.numel() * bits / 8) + qw.scale.numel() * fp_bytes + zero_points
+            q_params += t.numel()
+            bit_sum += t.numel() * bits
         else:
-            fp_bytes += p.numel() * BF16
-    act_scales = sum(p.numel() for n, p in model.named_parameters() if _is_quantizer_param(n))
-    q_bytes += act_scales * BF16
-    packed = q_bytes + fp_bytes
+            fp_total += t.numel() * width
+    packed = q_bytes + fp_total
     return {
         "params": total,
         "quantized_params": q_params,
@@ -49,5 +61,5 @@ def model_size(model: nn.Module) -> dict[str, float]:
         "bf16_bytes": total * BF16,
         "ratio_vs_bf16": total * BF16 / packed,
         "quantized_ratio_vs_bf16": q_params * BF16 / q_bytes if q_bytes else 1.0,
-        "bits_per_weight": (bit_sum + (total - q_params) * 16) / total,
+        "bits_per_weight": (bit_sum + (total - q_params) * fp_bytes * 8) / total,
     }

@@ -107,7 +107,9 @@ def quantize(model: nn.Module, policy: QuantPolicy, method) -> list[Decision]:
     for d in decisions:
         if d.quantize and d.kind == "Attention":
             attn = model.get_submodule(d.name)
-            quantize_attention(attn, method.act_quant(d.act_bits), method.softmax_quant(d.softmax_bits, policy.softmax_quant))
+            quantize_attention(
+                attn, method.act_quant(d.act_bits), method.softmax_quant(d.softmax_bits, policy.softmax_quant)
+            )
         elif d.quantize:
             parent_name, _, child = d.name.rpartition(".")
             parent = model.get_submodule(parent_name)
