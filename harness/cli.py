@@ -76,6 +76,28 @@ def _bench(args) -> int:
     return 0
 
 
+def _export(args) -> int:
+    from pathlib import Path
+
+    from harness.config import load_suite
+    from harness.quant.export import export
+    from harness.quant.size import model_size
+    from harness.runner import prepare
+
+    suite = load_suite(args.suite, args.overrides)
+    specs = [s for s in suite.runs if args.run in (s.name, s.run_key)]
+    if len(specs) != 1:
+        names = ", ".join(f"{s.name} ({s.run_key})" for s in suite.runs)
+        raise QBenchError(f"--run {args.run!r} matches {len(specs)} runs of suite {suite.name}; expected one of {names}")
+    cfg = specs[0].config
+    model, _ = prepare(cfg, Path(args.results), {})
+    export(model, args.out, {k: cfg[k] for k in ("model", "quant", "method")}, fp_dtype=args.fp_dtype)
+    size = model_size(model, fp_bytes=4 if args.fp_dtype == "float32" else 2)
+    print(f"wrote {args.out}: {Path(args.out).stat().st_size / 1e6:.3f} MB on disk, "
+          f"{size['packed_bytes'] / 1e6:.3f} MB of tensors ({args.fp_dtype} scales and FP tensors)")
+    return 0
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="qbench", description="Low-bit quantization benchmarks for SAM2.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -103,6 +125,16 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--out", help="per-object CSV to write")
     s.set_defaults(fn=_eval_vos)
 
+    s = sub.add_parser("export", help="quantize + calibrate one run of a suite and write its packed model")
+    s.add_argument("suite")
+    s.add_argument("overrides", nargs="*", help="dotted overrides")
+    s.add_argument("--run", required=True, help="run name or run_key (see `qbench suite NAME --dry-run`)")
+    s.add_argument("--out", required=True, help="file to write (load with harness.quant.export.load)")
+    s.add_argument("--fp-dtype", default="float32", choices=["float32", "bfloat16"],
+                   help="float32 reloads bit-exactly; bfloat16 is the deployment size")
+    s.add_argument("--results", default="results", help="where generated calibration data lives")
+    s.set_defaults(fn=_export)
+
     s = sub.add_parser("inspect", help="per-module quantization plan of a model, with size totals")
     s.add_argument("model", help="model name, e.g. sam2.1_hiera_t or sam2_small")
     s.add_argument("overrides", nargs="*", help="dotted overrides, e.g. quant.weight_bits=2 quant.act_bits=4")
@@ -121,7 +153,13 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parser().parse_args(argv)
+    p = parser()
+    # Dotted overrides may come after options (`suite smoke --dry-run quant.act_bits=6`).
+    args, extra = p.parse_known_args(argv)
+    if extra and (not hasattr(args, "overrides") or any("=" not in e or e.startswith("-") for e in extra)):
+        p.error(f"unrecognized arguments: {' '.join(extra)}")
+    if extra:
+        args.overrides += extra
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     # Import-time notices of brevitas's optional CUDA / Hadamard kernels say nothing about a run.
     logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)

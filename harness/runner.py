@@ -21,6 +21,7 @@ from harness import models
 from harness.claims import Claims
 from harness.config import RunSpec, Suite
 from harness.data import synthetic
+from harness.errors import ConfigError
 from harness.data.davis import DavisDataset
 from harness.evaluate import vos
 from harness.quant.policy import QuantPolicy
@@ -54,23 +55,28 @@ def _phase(times: dict, name: str):
     times[f"time_{name}_s"] = time.perf_counter() - start
 
 
-def run_one(spec, results_dir: Path) -> dict:
-    """Run one spec inside an active MLflow run; returns its metrics."""
-    cfg, times = spec.config, {}
+def prepare(cfg: dict, results_dir: Path, times: dict):
+    """Build, quantize and calibrate the model of a run config: (model, decisions)."""
     torch.manual_seed(cfg["seed"])
     method_cfg = dict(cfg["method"])
     method = methods.get(method_cfg.pop("name"), **method_cfg)
-    policy = QuantPolicy.from_config(cfg["quant"])
-    eval_ds = dataset(cfg, "eval", results_dir)
-    calib_ds = dataset(cfg, "calib", results_dir) if method.quantizes else None
     with _phase(times, "build"):
         m = cfg["model"]
         model = models.build(m["name"], m["checkpoint"], m["image_size"], cfg["device"])
     with _phase(times, "quantize"):
-        decisions = method.quantize(model, policy)
+        decisions = method.quantize(model, QuantPolicy.from_config(cfg["quant"]))
     if method.quantizes:
+        calib_ds = dataset(cfg, "calib", results_dir)
         with _phase(times, "calibrate"):
             method.calibrate(model, lambda: vos.run_frames(model, calib_ds, cfg["data"]["calib"]["frames"]))
+    return model, decisions
+
+
+def run_one(spec, results_dir: Path) -> dict:
+    """Run one spec inside an active MLflow run; returns its metrics."""
+    cfg, times = spec.config, {}
+    eval_ds = dataset(cfg, "eval", results_dir)
+    model, decisions = prepare(cfg, results_dir, times)
     with _phase(times, "evaluate"), tempfile.TemporaryDirectory() as tmp:
         save = Path(tmp) / "predictions" if cfg["eval"]["save_predictions"] else None
         per_object, summary = vos.evaluate(model, eval_ds, decisions, save_dir=save)
@@ -115,10 +121,24 @@ def status(suite: Suite, results_dir: str | Path = "results") -> list[tuple[RunS
     return out
 
 
+def preflight(suite: Suite) -> None:
+    """Fail before any work on inputs that cannot exist: missing checkpoints and dataset roots."""
+    for spec in suite.runs:
+        cfg = spec.config
+        ckpt = cfg["model"]["checkpoint"]
+        if ckpt and not Path(ckpt).is_file():
+            raise ConfigError(f"{suite.path}: run {spec.name}: model.checkpoint: {ckpt} does not exist")
+        for part in ("eval", "calib"):
+            d = cfg["data"][part]
+            if d["kind"] == "davis" and not (d["root"] and Path(d["root"]).is_dir()):
+                raise ConfigError(f"{suite.path}: run {spec.name}: data.{part}.root: {d['root']} is not a folder")
+
+
 def run_suite(suite: Suite, results_dir: str | Path = "results") -> tuple[list[dict], list[tuple[str, str]]]:
     """Run every spec not FINISHED and not claimed by a live process; failures are recorded
     (FAILED, reason tag, traceback artifact) and the suite goes on. Returns (summary rows, failures).
     """
+    preflight(suite)
     results_dir = Path(results_dir)
     tracker = Tracker(results_dir, suite.name)
     claims = Claims(results_dir / "claims" / suite.name)

@@ -6,6 +6,7 @@ config) and the package versions as tags, metrics, and artifacts (per-object CSV
 
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
 import os
@@ -64,13 +65,17 @@ class Tracker:
         self.results_dir.mkdir(parents=True, exist_ok=True)
         self.uri = f"sqlite:///{self.results_dir / 'mlflow.db'}"
         mlflow.set_tracking_uri(self.uri)
-        self.client = MlflowClient(self.uri)
-        exp = self.client.get_experiment_by_name(experiment)
-        if exp is None:
-            artifacts = (self.results_dir / "artifacts" / experiment).as_uri()
-            self.experiment_id = self.client.create_experiment(experiment, artifact_location=artifacts)
-        else:
-            self.experiment_id = exp.experiment_id
+        # Two processes starting on a new results folder would both create the schema and the
+        # experiment; serialize that with a file lock.
+        with open(self.results_dir / ".mlflow.lock", "a+") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            self.client = MlflowClient(self.uri)
+            exp = self.client.get_experiment_by_name(experiment)
+            if exp is None:
+                artifacts = (self.results_dir / "artifacts" / experiment).as_uri()
+                self.experiment_id = self.client.create_experiment(experiment, artifact_location=artifacts)
+            else:
+                self.experiment_id = exp.experiment_id
         self.experiment = experiment
 
     def finished(self, key: str):

@@ -5,9 +5,6 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from harness.config import load_suite
-from harness.errors import ConfigError
-
 REDUCED = ["data.synthetic.sequences=2", "data.synthetic.frames=4", "data.synthetic.size=96x64", "data.calib.frames=3"]
 
 
@@ -53,29 +50,6 @@ def test_smoke_suite_end_to_end(tmp_path):
     assert second.returncode == 0, second.stderr[-3000:]
     assert len(client.search_runs([exp.experiment_id], "tags.kind = 'run'")) == 3
     assert "3/3 runs finished" in second.stdout
-
-
-def test_suite_expansion_and_overrides():
-    suite = load_suite("smoke", ["quant.act_bits=6"])
-    assert [r.name for r in suite.runs] == ["name=fp,weight_bits=8", "name=rtn,weight_bits=8", "name=rtn,weight_bits=4"]
-    assert all(r.config["quant"]["act_bits"] == 6 for r in suite.runs)
-    assert len({r.run_key for r in suite.runs}) == 3
-    # Overriding a matrix key collapses the runs that become identical.
-    assert len(load_suite("smoke", ["quant.weight_bits=4"]).runs) == 2
-
-
-def test_bad_suite_input_is_one_clear_error(tmp_path):
-    with pytest.raises(ConfigError, match="did you mean quant.act_bits"):
-        load_suite("smoke", ["quant.act_bit=6"])
-    with pytest.raises(ConfigError, match="suite 'nope' not found"):
-        load_suite("nope")
-    bad = tmp_path / "bad.yaml"
-    bad.write_text("name: bad\nbase:\n  modle: {name: sam2_small}\n")
-    with pytest.raises(ConfigError, match=r"bad.yaml: base: unknown key 'modle'; did you mean 'model'"):
-        load_suite(str(bad))
-    proc = qbench("suite", str(bad), "--results", str(tmp_path / "r"))
-    assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "modle" in proc.stderr
-    assert not (tmp_path / "r").exists()
 
 
 def test_eval_vos_cli(davis_root, tmp_path):

@@ -16,6 +16,7 @@ recomputing the scale from the restored weights can be 1 ulp off, the stored one
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -68,7 +69,7 @@ def _zero_point_codes(zp: torch.Tensor, signed: bool, name: str) -> torch.Tensor
         return torch.zeros(0, dtype=torch.int8)
     codes = zp.to(torch.int8 if signed else torch.uint8)
     if not torch.equal(codes.to(zp.dtype), zp):
-        raise ConfigError(f"quant: layer {name} has a zero point that is not an 8-bit integer; packed export needs one")
+        raise ConfigError(f"quant: layer {name}'s zero point is not an 8-bit integer; packed export stores one byte")
     return codes.cpu()
 
 
@@ -77,6 +78,7 @@ def export(model: nn.Module, path: str | Path, meta: dict, fp_dtype: str = "floa
     """Write `model` (quantized by a method, calibrated) to `path`; `meta` lets `load` rebuild it."""
     if fp_dtype not in FP_DTYPES:
         raise ConfigError(f"export.fp_dtype: {fp_dtype!r}; expected one of {', '.join(FP_DTYPES)}")
+    json.dumps(meta)  # fails here, not at load time: torch.load(weights_only=True) reads plain data only
     dtype = FP_DTYPES[fp_dtype]
     qlayers = quant_layers(model)
     layers = {}
@@ -117,6 +119,9 @@ def read(path: str | Path) -> dict:
         raise CheckpointError(f"packed model {path}: expected a {FORMAT!r} file written by harness.quant.export")
     if ckpt.get("version") != VERSION:
         raise CheckpointError(f"packed model {path}: {FORMAT} version {ckpt.get('version')}; expected {VERSION}")
+    parts = {"layers", "tensors"} <= ckpt.keys() and isinstance(ckpt.get("meta"), dict)
+    if not parts or not {"model", "quant", "method"} <= ckpt["meta"].keys():
+        raise CheckpointError(f"packed model {path}: expected meta (model, quant, method), layers and tensors")
     return ckpt
 
 

@@ -1,0 +1,342 @@
+"""Tables and figures of a suite, read back from MLflow into results/<suite>/.
+
+Only the latest FINISHED run of each run_key in the suite's current expansion counts, so a report
+shows exactly what the suite file declares, whatever else the database holds. Runs that differ only
+in `seed` are pooled: mean ± std (ddof=1) over n runs.
+"""
+
+from __future__ import annotations
+
+import logging
+import zlib
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only: no display on servers and CI
+import matplotlib.pyplot as plt  # noqa: E402
+import pandas as pd  # noqa: E402
+from mlflow.tracking import MlflowClient  # noqa: E402
+
+from harness.config import Suite, load_suite  # noqa: E402
+from harness.errors import ConfigError  # noqa: E402
+
+log = logging.getLogger("qbench")
+
+# alias: (logged metric, scale, decimals, label). J and F are fractions; papers print them x100.
+METRICS = {
+    "jf": ("J_F-mean", 100, 1, "J&F (%)"),
+    "j": ("J-mean", 100, 1, "J (%)"),
+    "f": ("F-mean", 100, 1, "F (%)"),
+    "fps": ("fps", 1, 2, "frames/s"),
+    "size": ("packed_bytes", 1e-6, 2, "packed size (MB)"),
+    "ratio": ("ratio_vs_bf16", 1, 2, "compression vs BF16 (x)"),
+}
+LOWER_IS_BETTER = ("packed_bytes", "bf16_bytes", "bits_per_weight", "J-decay", "F-decay", "time_")
+FIGURES = ("ablation", "bits_vs_metric", "size_vs_metric")
+# Fixed per method so that a method looks the same in every figure of every suite.
+COLOURS = {"fp": "black", "rtn": "#1f77b4", "lsq": "#ff7f0e", "pact": "#2ca02c", "qsam2": "#d62728"}
+COLOURS |= {"ptq4sam": "#9467bd", "mixqsam": "#8c564b"}
+MARKERS = {"fp": "", "rtn": "o", "lsq": "s", "pact": "^", "qsam2": "D", "ptq4sam": "v", "mixqsam": "P"}
+FALLBACK_COLOURS = ("#e377c2", "#17becf", "#bcbd22", "#7f7f7f")
+FALLBACK_MARKERS = ("X", "<", ">", "h")
+STYLE = {
+    "font.size": 8,
+    "axes.labelsize": 8,
+    "legend.fontsize": 7,
+    "xtick.labelsize": 7,
+    "ytick.labelsize": 7,
+    "axes.grid": True,
+    "grid.alpha": 0.3,
+    "grid.linewidth": 0.5,
+    "lines.linewidth": 1.2,
+    "lines.markersize": 4,
+    "errorbar.capsize": 2,
+    "pdf.fonttype": 42,  # TrueType in the PDF: editable text, accepted by publishers
+}
+FIGSIZE, DPI = (3.4, 2.6), 300
+
+
+def report_suite(name: str, overrides: list[str] | None = None, results_dir="results") -> dict[str, Path]:
+    return report(load_suite(name, overrides), results_dir)
+
+
+def report(suite: Suite, results_dir="results") -> dict[str, Path]:
+    """Write table.{md,tex,csv} and the declared figures (PNG + PDF); returns file name -> path."""
+    df, params = load_runs(suite, results_dir)
+    where = f"{suite.path}: report"
+    spec = suite.report or {}
+    table_spec = {"rows": "method.name", "cols": "quant.weight_bits", "metric": "jf", **(spec.get("table") or {})}
+    for key in ("rows", "cols"):
+        _check_param(table_spec[key], params, df, f"{where}.table.{key}")
+    out = Path(results_dir) / suite.name
+    out.mkdir(parents=True, exist_ok=True)
+    metric = _metric(table_spec["metric"], df, f"{where}.table.metric")
+    written = write_table(df, params, table_spec["rows"], table_spec["cols"], metric, out, suite.name)
+    for i, fig in enumerate(spec.get("figures") or []):
+        written |= figure(df, params, fig, table_spec["metric"], out, f"{where}.figures[{i}]")
+    return written
+
+
+def load_runs(suite: Suite, results_dir) -> tuple[pd.DataFrame, list[str]]:
+    """One row per run of the suite (params typed, metrics as logged), in suite order."""
+    db = Path(results_dir).resolve() / "mlflow.db"
+    missing = ConfigError(f"no FINISHED runs of suite {suite.name} in {db}; run `nox -s suite -- {suite.name}` first")
+    if not db.is_file():
+        raise missing
+    client = MlflowClient(f"sqlite:///{db}")
+    exp = client.get_experiment_by_name(suite.name)
+    found = (
+        client.search_runs(
+            [exp.experiment_id],
+            "tags.kind = 'run' and attributes.status = 'FINISHED'",
+            order_by=["attributes.start_time DESC"],
+            max_results=50000,
+        )
+        if exp
+        else []
+    )
+    latest = {}
+    for run in found:
+        latest.setdefault(run.data.tags.get("run_key"), run)
+    runs = [latest[s.run_key] for s in suite.runs if s.run_key in latest]
+    if not runs:
+        raise missing
+    if len(runs) < len(suite.runs):
+        log.warning("report %s: %d of %d runs have no FINISHED record", suite.name, len(runs), len(suite.runs))
+    params = list(dict.fromkeys(k for r in runs for k in r.data.params))
+    df = pd.DataFrame([{**r.data.params, **r.data.metrics, "run_id": r.info.run_id} for r in runs])
+    for key in params:  # MLflow stores params as text; numbers must sort and plot as numbers
+        try:
+            df[key] = pd.to_numeric(df[key])
+        except (ValueError, TypeError):
+            pass
+    return df, params
+
+
+def _check_param(key, params: list[str], df: pd.DataFrame, where: str) -> None:
+    if key not in params:
+        swept = ", ".join(_swept(df, params)) or "none"
+        raise ConfigError(f"{where}: {key!r} is not a run parameter; expected a swept key ({swept}) or another param")
+
+
+def _swept(df: pd.DataFrame, params: list[str]) -> list[str]:
+    # A method's own knobs are absent (NaN) for other methods: absence is no sweep.
+    return [k for k in params if df[k].nunique() > 1]
+
+
+def _metric(alias: str, df: pd.DataFrame, where: str) -> tuple[str, float, int, str]:
+    if alias in METRICS:
+        return METRICS[alias]
+    if alias in df.columns and alias not in ("run_id",) and pd.api.types.is_float_dtype(df[alias]):
+        jf = alias.startswith(("J", "F"))
+        return alias, 100 if jf else 1, 1 if jf else 3, f"{alias} (%)" if jf else alias
+    raise ConfigError(f"{where}: unknown metric {alias!r}; expected one of {', '.join(METRICS)} or a logged metric")
+
+
+def _aggregate(df: pd.DataFrame, by: list[str], metric) -> pd.DataFrame:
+    """mean, std (ddof=1; NaN for n=1) and n of the scaled metric per group, in first-seen order."""
+    name, scale = metric[0], metric[1]
+    values = df.assign(value=df[name] * scale)
+    if not by:
+        values = values.assign(_all=0)
+        by = ["_all"]
+    g = values.groupby(by, sort=False, dropna=False)["value"]
+    return g.agg(mean="mean", std="std", n="count").reset_index()
+
+
+def _short(key: str) -> str:
+    """method.name -> method, quant.weight_bits -> weight_bits."""
+    parts = key.split(".")
+    return parts[-2] if parts[-1] == "name" and len(parts) > 1 else parts[-1]
+
+
+def _better(metric) -> str:
+    return "min" if metric[0].startswith(LOWER_IS_BETTER) else "max"
+
+
+# --- table ------------------------------------------------------------------------------------------
+
+
+def table_frame(df, params, rows: str, cols: str, metric) -> pd.DataFrame:
+    """Long form: row, col, mean, std, n, delta_fp. The fp runs make the reference row, first."""
+    fp = df["method.name"] == "fp"
+    extra = [k for k in _swept(df, params) if k not in (rows, cols, "seed")]
+    cells = _aggregate(df[~fp], [rows, *extra, cols], metric)
+    cells["row"] = [", ".join([str(r[rows]), *(f"{_short(k)}={r[k]}" for k in extra)]) for _, r in cells.iterrows()]
+    cells = cells.rename(columns={cols: "col"})[["row", "col", "mean", "std", "n"]]
+    col_order = list(dict.fromkeys(df[cols]))
+    if fp.any():
+        # fp has no bit-width: where it was not run at a column's value, its pooled runs stand in.
+        ref = []
+        for col in col_order:
+            at = df[fp & (df[cols] == col)]
+            ref.append(_aggregate(at if len(at) else df[fp], [], metric).assign(row="fp", col=col))
+        ref = pd.concat(ref)[["row", "col", "mean", "std", "n"]]
+        cells = cells.merge(ref[["col", "mean"]].rename(columns={"mean": "fp"}), on="col", how="left")
+        cells["delta_fp"] = cells.pop("fp").rsub(cells["mean"])
+        cells = pd.concat([ref.assign(delta_fp=float("nan")), cells], ignore_index=True)
+    else:
+        cells["delta_fp"] = float("nan")
+    cells["col"] = pd.Categorical(cells["col"], col_order)
+    return cells
+
+
+def _cell(r, decimals: int, bold: bool, tex: bool, mixed_n: bool) -> str:
+    if pd.isna(r["mean"]):
+        return "--" if tex else "–"
+    pm = "$\\pm$" if tex else " ± "
+    s = f"{r['mean']:.{decimals}f}" + (f"{pm}{r['std']:.{decimals}f}" if r["n"] > 1 else "")
+    s = (f"\\textbf{{{s}}}" if tex else f"**{s}**") if bold else s
+    if pd.notna(r["delta_fp"]):
+        d = f"{r['delta_fp']:+.{decimals}f}"
+        s += f" {{\\scriptsize ({d.replace('-', '$-$')})}}" if tex else f" ({d})"
+    return s + (f" [n={r['n']}]" if mixed_n else "")
+
+
+def write_table(df, params, rows: str, cols: str, metric, out: Path, suite: str) -> dict[str, Path]:
+    cells = table_frame(df, params, rows, cols, metric)
+    name, _, decimals, label = metric
+    cells.rename(columns={"row": rows, "col": cols}).assign(metric=name).to_csv(out / "table.csv", index=False)
+    quant = cells["row"] != "fp"
+    best = cells[quant].groupby("col", observed=True)["mean"].transform(_better(metric))
+    cells["bold"] = quant & (cells["mean"] == best.reindex(cells.index))
+    mixed = cells["n"].nunique() > 1
+    col_order = list(cells["col"].cat.categories)
+    row_order = list(dict.fromkeys(cells["row"]))
+    grid = {(r["row"], r["col"]): r for _, r in cells.iterrows()}
+    row_leaf, col_leaf = _short(rows), _short(cols)
+    n_note = f"n = {cells['n'].iloc[0]} per cell" if not mixed else "n per cell in brackets"
+    note = f"{label}: mean ± std over seeds ({n_note}); (±d) = difference to fp; best per column in bold."
+    written = {}
+
+    def body(tex: bool) -> list[list[str]]:
+        lines = []
+        for row in row_order:
+            shown = "fp (ref.)" if row == "fp" else row
+            got = [grid.get((row, c)) for c in col_order]
+            lines.append([shown] + [_cell(g, decimals, g["bold"], tex, mixed) if g is not None else "–" for g in got])
+        return lines
+
+    md = [f"**{suite}** — {label} by {rows} (rows) and {cols} (columns)", ""]
+    md.append("| " + " | ".join([f"{row_leaf} \\ {col_leaf}", *map(str, col_order)]) + " |")
+    md.append("|" + "---|" + "---:|" * len(col_order))
+    md += ["| " + " | ".join(line) + " |" for line in body(tex=False)]
+    (out / "table.md").write_text("\n".join([*md, "", note, ""]))
+
+    def esc(s) -> str:
+        return str(s).replace("\\", "\\textbackslash{}").replace("_", "\\_").replace("&", "\\&").replace("%", "\\%")
+
+    k = len(col_order)
+    tex = [f"% {suite}: {note.replace('±', '+/-')}", f"\\begin{{tabular}}{{l{'c' * k}}}", "\\toprule"]
+    tex += [f" & \\multicolumn{{{k}}}{{c}}{{{esc(col_leaf)}}} \\\\", f"\\cmidrule(lr){{2-{k + 1}}}"]
+    tex += [" & ".join([esc(row_leaf), *map(esc, col_order)]) + " \\\\", "\\midrule"]
+    for line in body(tex=True):
+        tex.append(" & ".join([esc(line[0]), *line[1:]]) + " \\\\")
+        if line[0] == "fp (ref.)" and len(row_order) > 1:
+            tex.append("\\midrule")
+    (out / "table.tex").write_text("\n".join([*tex, "\\bottomrule", "\\end{tabular}", ""]))
+    for f in ("table.md", "table.tex", "table.csv"):
+        written[f] = out / f
+    return written
+
+
+# --- figures ----------------------------------------------------------------------------------------
+
+
+def style(method: str) -> dict:
+    h = zlib.crc32(method.encode())  # stable across processes, unlike hash()
+    colour = COLOURS.get(method, FALLBACK_COLOURS[h % len(FALLBACK_COLOURS)])
+    return {"color": colour, "marker": MARKERS.get(method, FALLBACK_MARKERS[h % len(FALLBACK_MARKERS)])}
+
+
+def figure(df, params, fig_spec, default_metric: str, out: Path, where: str) -> dict[str, Path]:
+    fig_spec = {"name": fig_spec} if isinstance(fig_spec, str) else dict(fig_spec or {})
+    name = fig_spec.get("name")
+    if name not in FIGURES:
+        raise ConfigError(f"{where}: unknown figure {name!r}; expected one of {', '.join(FIGURES)}")
+    unknown = set(fig_spec) - {"name", "x", "metric"}
+    if unknown:
+        raise ConfigError(f"{where}: unknown key {sorted(unknown)[0]!r}; expected name, x, metric")
+    alias = fig_spec.get("metric", default_metric)
+    metric = _metric(alias, df, f"{where}.metric")
+    x = fig_spec.get("x", "quant.weight_bits" if name == "bits_vs_metric" else None)
+    if name == "ablation" and x is None:
+        raise ConfigError(f"{where}: ablation needs x: the swept dotted key to plot against")
+    if x is not None and name != "size_vs_metric":
+        _check_param(x, params, df, f"{where}.x")
+    stem = f"{name}_{x.replace('.', '-')}_{alias}" if name == "ablation" else f"{name}_{alias}"
+    with plt.rc_context(STYLE):
+        fig, ax = plt.subplots(figsize=FIGSIZE, layout="constrained")
+        if name == "size_vs_metric":
+            _size_vs_metric(ax, df, params, metric)
+        else:
+            _lines(ax, df, params, x, metric)
+            if name == "bits_vs_metric":
+                ax.invert_xaxis()  # 8 -> 2 bits, left to right, as the tables' columns
+        ax.set_ylabel(metric[3])
+        ax.grid(True, which="both")
+        fig.legend(loc="outside upper center", ncols=4, frameon=False, handlelength=1.8, columnspacing=1.0)
+        paths = {}
+        for ext in ("png", "pdf"):
+            paths[f"{stem}.{ext}"] = out / f"{stem}.{ext}"
+            fig.savefig(paths[f"{stem}.{ext}"], dpi=DPI)
+        plt.close(fig)
+    return paths
+
+
+def _series_label(key, extra: list[str]) -> str:
+    key = key if isinstance(key, tuple) else (key,)
+    return ", ".join([str(key[0]), *(f"{_short(k)}={v}" for k, v in zip(extra, key[1:]))])
+
+
+def _lines(ax, df, params, x: str, metric) -> None:
+    """One line per method (and per other swept knob); fp as a dashed reference with its std band."""
+    fp = df["method.name"] == "fp"
+    extra = [k for k in _swept(df, params) if k not in (x, "seed", "method.name")]
+    quant = df[~fp & df[x].notna()]
+    agg = _aggregate(quant, ["method.name", *extra, x], metric)
+    styles = ["-", "--", ":", "-."]
+    for i, (key, s) in enumerate(agg.groupby(["method.name", *extra], sort=False)):
+        s = s.sort_values(x)
+        xs = s[x] if pd.api.types.is_numeric_dtype(s[x]) else s[x].astype(str)
+        st = style(str(key[0] if isinstance(key, tuple) else key))
+        ax.errorbar(xs, s["mean"], yerr=s["std"].fillna(0), label=_series_label(key, extra), **st, ls=styles[i % 4])
+    if pd.api.types.is_numeric_dtype(quant[x]) and len(quant):
+        ticks = sorted(quant[x].unique())
+        positive = ticks[0] > 0
+        if positive and ticks[-1] / ticks[0] >= 16:  # e.g. calibration frames 1..256
+            ax.set_xscale("log", base=2)
+        ax.set_xticks(ticks, [f"{t:g}" for t in ticks])
+        ax.minorticks_off()
+    if fp.any():
+        ref = _aggregate(df[fp], [], metric).iloc[0]
+        ax.axhline(ref["mean"], color="black", ls="--", lw=1.0, label="fp", zorder=1)
+        if ref["n"] > 1 and ref["std"] > 0:
+            ax.axhspan(ref["mean"] - ref["std"], ref["mean"] + ref["std"], color="black", alpha=0.08, lw=0)
+    ax.set_xlabel("weight bits" if x == "quant.weight_bits" else x)
+
+
+def _size_vs_metric(ax, df, params, metric) -> None:
+    """One marker per configuration (seeds pooled); the Pareto front (smaller, better) as a step line."""
+    by = [k for k in _swept(df, params) if k != "seed"]
+    agg = _aggregate(df, by, metric)
+    agg["size"] = _aggregate(df, by, METRICS["size"])["mean"]
+    methods = agg["method.name"] if "method.name" in agg else pd.Series([df["method.name"].iloc[0]] * len(agg))
+    for method in dict.fromkeys(methods):
+        s = agg[methods.values == method]
+        st = style(str(method)) | ({"marker": "*", "markersize": 7} if method == "fp" else {})
+        ax.errorbar(s["size"], s["mean"], yerr=s["std"].fillna(0), ls="none", label=str(method), **st)
+        if "quant.weight_bits" in by and method != "fp":
+            for _, r in s.iterrows():
+                ax.annotate(f"W{r['quant.weight_bits']}", (r["size"], r["mean"]), xytext=(3, 3), fontsize=6,
+                            textcoords="offset points", color=st["color"])  # fmt: skip
+    sign = 1 if _better(metric) == "max" else -1
+    front, best = [], float("-inf")
+    for _, r in agg.sort_values(["size", "mean"], ascending=[True, sign < 0]).iterrows():
+        if sign * r["mean"] > best:
+            front.append(r)
+            best = sign * r["mean"]
+    front = pd.DataFrame(front)
+    ax.step(front["size"], front["mean"], where="post", color="grey", lw=0.8, alpha=0.7, zorder=0, label="Pareto")
+    ax.set_xlabel(METRICS["size"][3])

@@ -1,0 +1,95 @@
+"""Suite files: expansion, overrides, environment interpolation and every validation error."""
+
+import subprocess
+import sys
+
+import pytest
+
+from harness.config import load_suite
+from harness.errors import ConfigError
+
+
+def _suite(tmp_path, text, name="s"):
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(text)
+    return str(path)
+
+
+def test_expansion_overrides_and_canonical_runs():
+    suite = load_suite("smoke", ["quant.act_bits=6"])
+    assert [r.name for r in suite.runs] == ["name=fp,weight_bits=8", "name=rtn,weight_bits=8", "name=rtn,weight_bits=4"]
+    rtn = [r.config for r in suite.runs if r.config["method"]["name"] == "rtn"]
+    assert all(c["quant"]["act_bits"] == 6 for c in rtn)
+    # fp quantizes nothing: its quant section is the default whatever the matrix says, so fp x {8, 4} is one run.
+    assert suite.runs[0].config["quant"]["act_bits"] == 8
+    assert len({r.run_key for r in suite.runs}) == 3
+    assert len(load_suite("smoke", ["quant.weight_bits=4"]).runs) == 2
+    # Defaults are filled in, so a suite that spells out a default has the same run_key.
+    explicit = load_suite("smoke", ["quant.softmax_quant=uniform", "seed=0"])
+    assert [r.run_key for r in explicit.runs][0] == suite.runs[0].run_key
+
+
+def test_seeds_include_exclude(tmp_path):
+    path = _suite(tmp_path, """
+name: s
+base: {method: {name: rtn}}
+seeds: [0, 1]
+matrix: {quant.weight_bits: [8, 4]}
+exclude: [{quant.weight_bits: 4, seed: 1}]
+include: [{quant.weight_bits: 2, quant.act_bits: 6}]
+""")
+    runs = load_suite(path).runs
+    got = sorted((r.config["quant"]["weight_bits"], r.config["quant"]["act_bits"], r.config["seed"]) for r in runs)
+    assert got == [(2, 6, 0), (4, 8, 0), (8, 8, 0), (8, 8, 1)]
+
+
+def test_env_interpolation(tmp_path, monkeypatch):
+    path = _suite(tmp_path, "name: s\nbase:\n  data:\n    eval: {kind: davis, root: '${oc.env:QB_TEST_ROOT}'}\n")
+    monkeypatch.setenv("QB_TEST_ROOT", "/data/DAVIS")
+    assert load_suite(path).runs[0].config["data"]["eval"]["root"] == "/data/DAVIS"
+    monkeypatch.delenv("QB_TEST_ROOT")
+    with pytest.raises(ConfigError, match=r"s.yaml: base.data.eval.root: environment variable QB_TEST_ROOT is not set"):
+        load_suite(path)
+
+
+@pytest.mark.parametrize(
+    "text,message",
+    [
+        ("base:\n  modle: {name: sam2_small}\n", r"s.yaml: base: unknown key 'modle'; did you mean 'model'\?"),
+        ("base:\n  quant: {wieght_bits: 4}\n", r"unknown key 'quant.wieght_bits'; did you mean 'quant.weight_bits'\?"),
+        ("base:\n  quant: {weight_bits: 1}\n", r"base: quant.weight_bits: input should be greater than or equal to 2 \(got 1\)"),
+        ("base:\n  quant: {act_bits: eight}\n", r"quant.act_bits: input should be a valid integer.*\(got 'eight'\)"),
+        ("base:\n  data: {eval: {kind: coco}}\n", r"data.eval.kind: input should be 'synthetic' or 'davis' \(got 'coco'\)"),
+        ("base:\n  train: {lr: -1}\n", r"train.lr: input should be greater than 0"),
+        ("base:\n  method: {name: rtn, act_stat: median}\n", r"method.act_stat: 'median'; expected 'max' or 'percentile'"),
+        ("base:\n  method: {name: rtn, act_sat: max}\n", r"method.act_sat: not a parameter of any method; did you mean 'method.act_stat'\?"),
+        ("base:\n  method: {name: gptq}\n", r"method.name: unknown method 'gptq'; expected one of fp, rtn"),
+        ("matrix: {quant.weight_bit: [2, 4]}\n", r"run weight_bit=2: unknown key 'quant.weight_bit'; did you mean 'quant.weight_bits'\?"),
+        ("matrix: {quant.weight_bits: []}\n", r"matrix.quant.weight_bits: expected a non-empty list"),
+        ("matrix: {quant.weight_bits: 4}\n", r"s.yaml: matrix.quant.weight_bits: input should be a valid list"),
+        ("sweep: {}\n", r"s.yaml: unknown key 'sweep'"),
+        ("base: [1, 2]\n", r"s.yaml: base: input should be a valid dictionary"),
+    ],
+)
+def test_validation_errors(tmp_path, text, message):
+    with pytest.raises(ConfigError, match=message):
+        load_suite(_suite(tmp_path, text))
+
+
+def test_override_errors():
+    with pytest.raises(ConfigError, match=r"command-line overrides\): unknown key 'quant.act_bit'; did you mean 'quant.act_bits'"):
+        load_suite("smoke", ["quant.act_bit=6"])
+    with pytest.raises(ConfigError, match="override 'quant.act_bits': expected dotted.key=value"):
+        load_suite("smoke", ["quant.act_bits"])
+    with pytest.raises(ConfigError, match="suite 'nope' not found"):
+        load_suite("nope")
+
+
+def test_cli_exits_2_with_one_line_before_any_work(tmp_path):
+    path = _suite(tmp_path, "base:\n  quant: {weight_bits: 1}\n")
+    proc = subprocess.run(
+        [sys.executable, "-m", "harness", "suite", path, "--results", str(tmp_path / "r")], capture_output=True, text=True
+    )
+    assert proc.returncode == 2
+    assert proc.stderr.count("\n") == 1 and "quant.weight_bits" in proc.stderr
+    assert not (tmp_path / "r").exists()
