@@ -3,6 +3,7 @@
 same pins and pyproject.toml reinstalls nothing.
 
     nox -s suite -- smoke [dotted.key=value ...]
+    nox -s report -- smoke
     nox -s tests
     nox -s lint
 """
@@ -76,3 +77,12 @@ def suite(session: nox.Session) -> None:
         session.error("usage: nox -s suite -- SUITE_NAME [dotted.key=value ...]")
     _env(session)
     session.run(PY, "-m", "harness", "suite", *session.posargs, external=True)
+
+
+@nox.session
+def report(session: nox.Session) -> None:
+    """Tables and figures of a suite's recorded runs: `nox -s report -- NAME [dotted.key=value ...]`."""
+    if not session.posargs:
+        session.error("usage: nox -s report -- SUITE_NAME [dotted.key=value ...]")
+    _env(session)
+    session.run(PY, "-m", "harness", "report", *session.posargs, external=True)

@@ -88,13 +88,26 @@ def _export(args) -> int:
     specs = [s for s in suite.runs if args.run in (s.name, s.run_key)]
     if len(specs) != 1:
         names = ", ".join(f"{s.name} ({s.run_key})" for s in suite.runs)
-        raise QBenchError(f"--run {args.run!r} matches {len(specs)} runs of suite {suite.name}; expected one of {names}")
+        raise QBenchError(
+            f"--run {args.run!r} matches {len(specs)} runs of suite {suite.name}; expected one of {names}"
+        )
     cfg = specs[0].config
     model, _ = prepare(cfg, Path(args.results), {})
     export(model, args.out, {k: cfg[k] for k in ("model", "quant", "method")}, fp_dtype=args.fp_dtype)
     size = model_size(model, fp_bytes=4 if args.fp_dtype == "float32" else 2)
-    print(f"wrote {args.out}: {Path(args.out).stat().st_size / 1e6:.3f} MB on disk, "
-          f"{size['packed_bytes'] / 1e6:.3f} MB of tensors ({args.fp_dtype} scales and FP tensors)")
+    print(
+        f"wrote {args.out}: {Path(args.out).stat().st_size / 1e6:.3f} MB on disk, "
+        f"{size['packed_bytes'] / 1e6:.3f} MB of tensors ({args.fp_dtype} scales and FP tensors)"
+    )
+    return 0
+
+
+def _report(args) -> int:
+    from harness.report import report_suite
+
+    written = report_suite(args.suite, args.overrides, args.results)
+    for path in written.values():
+        print(path)
     return 0
 
 
@@ -108,6 +121,12 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--results", default="results", help="results folder (MLflow db, artifacts, tables)")
     s.add_argument("--dry-run", action="store_true", help="list the runs, their run_keys and which are finished")
     s.set_defaults(fn=_suite)
+
+    s = sub.add_parser("report", help="tables (md, tex, csv) and figures (png, pdf) from a suite's records")
+    s.add_argument("suite")
+    s.add_argument("overrides", nargs="*", help="the same dotted overrides the suite was run with")
+    s.add_argument("--results", default="results")
+    s.set_defaults(fn=_report)
 
     s = sub.add_parser("make-data", help="generate a synthetic video dataset in the DAVIS 2017 layout")
     s.add_argument("--out", required=True)
@@ -130,8 +149,12 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("overrides", nargs="*", help="dotted overrides")
     s.add_argument("--run", required=True, help="run name or run_key (see `qbench suite NAME --dry-run`)")
     s.add_argument("--out", required=True, help="file to write (load with harness.quant.export.load)")
-    s.add_argument("--fp-dtype", default="float32", choices=["float32", "bfloat16"],
-                   help="float32 reloads bit-exactly; bfloat16 is the deployment size")
+    s.add_argument(
+        "--fp-dtype",
+        default="float32",
+        choices=["float32", "bfloat16"],
+        help="float32 reloads bit-exactly; bfloat16 is the deployment size",
+    )
     s.add_argument("--results", default="results", help="where generated calibration data lives")
     s.set_defaults(fn=_export)
 

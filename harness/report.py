@@ -55,6 +55,7 @@ STYLE = {
     "pdf.fonttype": 42,  # TrueType in the PDF: editable text, accepted by publishers
 }
 FIGSIZE, DPI = (3.4, 2.6), 300
+ERRORBARS = {"elinewidth": 0.7, "capthick": 0.7}  # thinner than the lines: seeds' spread, not the data
 
 
 def report_suite(name: str, overrides: list[str] | None = None, results_dir="results") -> dict[str, Path]:
@@ -106,6 +107,7 @@ def load_runs(suite: Suite, results_dir) -> tuple[pd.DataFrame, list[str]]:
         log.warning("report %s: %d of %d runs have no FINISHED record", suite.name, len(runs), len(suite.runs))
     params = list(dict.fromkeys(k for r in runs for k in r.data.params))
     df = pd.DataFrame([{**r.data.params, **r.data.metrics, "run_id": r.info.run_id} for r in runs])
+    df.attrs["metrics"] = {k for r in runs for k in r.data.metrics}
     for key in params:  # MLflow stores params as text; numbers must sort and plot as numbers
         try:
             df[key] = pd.to_numeric(df[key])
@@ -128,7 +130,7 @@ def _swept(df: pd.DataFrame, params: list[str]) -> list[str]:
 def _metric(alias: str, df: pd.DataFrame, where: str) -> tuple[str, float, int, str]:
     if alias in METRICS:
         return METRICS[alias]
-    if alias in df.columns and alias not in ("run_id",) and pd.api.types.is_float_dtype(df[alias]):
+    if alias in df.attrs["metrics"]:
         jf = alias.startswith(("J", "F"))
         return alias, 100 if jf else 1, 1 if jf else 3, f"{alias} (%)" if jf else alias
     raise ConfigError(f"{where}: unknown metric {alias!r}; expected one of {', '.join(METRICS)} or a logged metric")
@@ -161,7 +163,8 @@ def _better(metric) -> str:
 def table_frame(df, params, rows: str, cols: str, metric) -> pd.DataFrame:
     """Long form: row, col, mean, std, n, delta_fp. The fp runs make the reference row, first."""
     fp = df["method.name"] == "fp"
-    extra = [k for k in _swept(df, params) if k not in (rows, cols, "seed")]
+    # fp's own params (e.g. the bits it ignores) do not split the quantized rows.
+    extra = [k for k in _swept(df[~fp], params) if k not in (rows, cols, "seed")]
     cells = _aggregate(df[~fp], [rows, *extra, cols], metric)
     cells["row"] = [", ".join([str(r[rows]), *(f"{_short(k)}={r[k]}" for k in extra)]) for _, r in cells.iterrows()]
     cells = cells.rename(columns={cols: "col"})[["row", "col", "mean", "std", "n"]]
@@ -208,14 +211,16 @@ def write_table(df, params, rows: str, cols: str, metric, out: Path, suite: str)
     row_leaf, col_leaf = _short(rows), _short(cols)
     n_note = f"n = {cells['n'].iloc[0]} per cell" if not mixed else "n per cell in brackets"
     note = f"{label}: mean ± std over seeds ({n_note}); (±d) = difference to fp; best per column in bold."
-    written = {}
 
     def body(tex: bool) -> list[list[str]]:
         lines = []
         for row in row_order:
             shown = "fp (ref.)" if row == "fp" else row
             got = [grid.get((row, c)) for c in col_order]
-            lines.append([shown] + [_cell(g, decimals, g["bold"], tex, mixed) if g is not None else "–" for g in got])
+            lines.append(
+                [shown]
+                + [_cell(g, decimals, g["bold"], tex, mixed) if g is not None else "--" if tex else "–" for g in got]
+            )
         return lines
 
     md = [f"**{suite}** — {label} by {rows} (rows) and {cols} (columns)", ""]
@@ -236,9 +241,7 @@ def write_table(df, params, rows: str, cols: str, metric, out: Path, suite: str)
         if line[0] == "fp (ref.)" and len(row_order) > 1:
             tex.append("\\midrule")
     (out / "table.tex").write_text("\n".join([*tex, "\\bottomrule", "\\end{tabular}", ""]))
-    for f in ("table.md", "table.tex", "table.csv"):
-        written[f] = out / f
-    return written
+    return {f: out / f for f in ("table.md", "table.tex", "table.csv")}
 
 
 # --- figures ----------------------------------------------------------------------------------------
@@ -272,11 +275,23 @@ def figure(df, params, fig_spec, default_metric: str, out: Path, where: str) -> 
             _size_vs_metric(ax, df, params, metric)
         else:
             _lines(ax, df, params, x, metric)
-            if name == "bits_vs_metric":
-                ax.invert_xaxis()  # 8 -> 2 bits, left to right, as the tables' columns
         ax.set_ylabel(metric[3])
         ax.grid(True, which="both")
-        fig.legend(loc="outside upper center", ncols=4, frameon=False, handlelength=1.8, columnspacing=1.0)
+        # fp first, the Pareto front last, methods in suite order between (matplotlib groups by artist type).
+        handles, labels = ax.get_legend_handles_labels()
+        order = sorted(range(len(labels)), key=lambda i: (labels[i] != "fp") + (labels[i] == "Pareto front"))
+        # As many columns as fit the figure's width: an entry is about 3.6 em + 0.55 em per character.
+        entry_pt = 7 * (3.6 + 0.55 * max(map(len, labels)))
+        ncols = max(1, min(len(labels), int(FIGSIZE[0] * 72 // entry_pt)))
+        fig.legend(
+            [handles[i] for i in order],
+            [labels[i] for i in order],
+            loc="outside upper center",
+            ncols=ncols,
+            frameon=False,
+            handlelength=1.8,
+            columnspacing=1.0,
+        )
         paths = {}
         for ext in ("png", "pdf"):
             paths[f"{stem}.{ext}"] = out / f"{stem}.{ext}"
@@ -293,19 +308,22 @@ def _series_label(key, extra: list[str]) -> str:
 def _lines(ax, df, params, x: str, metric) -> None:
     """One line per method (and per other swept knob); fp as a dashed reference with its std band."""
     fp = df["method.name"] == "fp"
-    extra = [k for k in _swept(df, params) if k not in (x, "seed", "method.name")]
     quant = df[~fp & df[x].notna()]
+    extra = [k for k in _swept(quant, params) if k not in (x, "seed", "method.name")]
     agg = _aggregate(quant, ["method.name", *extra, x], metric)
     styles = ["-", "--", ":", "-."]
     for i, (key, s) in enumerate(agg.groupby(["method.name", *extra], sort=False)):
         s = s.sort_values(x)
         xs = s[x] if pd.api.types.is_numeric_dtype(s[x]) else s[x].astype(str)
         st = style(str(key[0] if isinstance(key, tuple) else key))
-        ax.errorbar(xs, s["mean"], yerr=s["std"].fillna(0), label=_series_label(key, extra), **st, ls=styles[i % 4])
+        ax.errorbar(
+            xs, s["mean"], yerr=s["std"].fillna(0), label=_series_label(key, extra), **st, **ERRORBARS, ls=styles[i % 4]
+        )
     if pd.api.types.is_numeric_dtype(quant[x]) and len(quant):
         ticks = sorted(quant[x].unique())
         positive = ticks[0] > 0
-        if positive and ticks[-1] / ticks[0] >= 16:  # e.g. calibration frames 1..256
+        ratios = {round(b / a, 6) for a, b in zip(ticks, ticks[1:])} if positive else set()
+        if positive and (ticks[-1] / ticks[0] >= 16 or len(ratios) == 1 and min(ratios) >= 2):  # 1, 2, 4, ...
             ax.set_xscale("log", base=2)
         ax.set_xticks(ticks, [f"{t:g}" for t in ticks])
         ax.minorticks_off()
@@ -314,6 +332,8 @@ def _lines(ax, df, params, x: str, metric) -> None:
         ax.axhline(ref["mean"], color="black", ls="--", lw=1.0, label="fp", zorder=1)
         if ref["n"] > 1 and ref["std"] > 0:
             ax.axhspan(ref["mean"] - ref["std"], ref["mean"] + ref["std"], color="black", alpha=0.08, lw=0)
+    if x == "quant.weight_bits":
+        ax.invert_xaxis()  # 8 -> 2 bits left to right in every figure, as in the tables' columns
     ax.set_xlabel("weight bits" if x == "quant.weight_bits" else x)
 
 
@@ -323,20 +343,23 @@ def _size_vs_metric(ax, df, params, metric) -> None:
     agg = _aggregate(df, by, metric)
     agg["size"] = _aggregate(df, by, METRICS["size"])["mean"]
     methods = agg["method.name"] if "method.name" in agg else pd.Series([df["method.name"].iloc[0]] * len(agg))
+    # Name each quantized point by what tells it apart from the others (W4, frames=8, ...).
+    named = [k for k in _swept(agg[methods.values != "fp"], by) if k != "method.name"]
     for method in dict.fromkeys(methods):
         s = agg[methods.values == method]
         st = style(str(method)) | ({"marker": "*", "markersize": 7} if method == "fp" else {})
-        ax.errorbar(s["size"], s["mean"], yerr=s["std"].fillna(0), ls="none", label=str(method), **st)
-        if "quant.weight_bits" in by and method != "fp":
-            for _, r in s.iterrows():
-                ax.annotate(f"W{r['quant.weight_bits']}", (r["size"], r["mean"]), xytext=(3, 3), fontsize=6,
-                            textcoords="offset points", color=st["color"])  # fmt: skip
+        ax.errorbar(s["size"], s["mean"], yerr=s["std"].fillna(0), ls="none", label=str(method), **st, **ERRORBARS)
+        for _, r in s.iterrows() if method != "fp" else ():
+            text = ", ".join(f"W{r[k]}" if k == "quant.weight_bits" else f"{_short(k)}={r[k]}" for k in named)
+            ax.annotate(text, (r["size"], r["mean"]), (3, 3), textcoords="offset points", fontsize=6, color=st["color"])
     sign = 1 if _better(metric) == "max" else -1
     front, best = [], float("-inf")
     for _, r in agg.sort_values(["size", "mean"], ascending=[True, sign < 0]).iterrows():
         if sign * r["mean"] > best:
             front.append(r)
             best = sign * r["mean"]
-    front = pd.DataFrame(front)
-    ax.step(front["size"], front["mean"], where="post", color="grey", lw=0.8, alpha=0.7, zorder=0, label="Pareto")
+    # Held to the largest size: the best reachable within any size budget, which shows what it dominates.
+    front = pd.DataFrame([*front, front[-1].copy()])
+    front.iloc[-1, front.columns.get_loc("size")] = agg["size"].max()
+    ax.step(front["size"], front["mean"], where="post", color="0.4", ls="--", lw=0.9, zorder=3, label="Pareto front")
     ax.set_xlabel(METRICS["size"][3])

@@ -6,6 +6,7 @@ build FP model -> method.quantize -> method.calibrate -> evaluate (J&F) -> size 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import logging
 import math
 import tempfile
@@ -21,8 +22,8 @@ from harness import models
 from harness.claims import Claims
 from harness.config import RunSpec, Suite
 from harness.data import synthetic
-from harness.errors import ConfigError
 from harness.data.davis import DavisDataset
+from harness.errors import ConfigError
 from harness.evaluate import vos
 from harness.quant.policy import QuantPolicy
 from harness.quant.size import model_size
@@ -38,10 +39,13 @@ def dataset(cfg: dict, part: str, results_dir: Path) -> DavisDataset:
         s = cfg["data"]["synthetic"]
         if root is None:
             root = results_dir / "data" / f"synthetic-n{s['sequences']}-t{s['frames']}-{s['size']}-seed{s['seed']}"
-        if not synthetic.is_complete(root):
-            synthetic.generate(
-                root, sequences=s["sequences"], frames=s["frames"], size=synthetic.parse_size(s["size"]), seed=s["seed"]
-            )
+        Path(root).parent.mkdir(parents=True, exist_ok=True)
+        # Two processes of one suite may need the same dataset at once: generate it once.
+        with open(Path(root).parent / ".generate.lock", "a+") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            if not synthetic.is_complete(root):
+                size = synthetic.parse_size(s["size"])
+                synthetic.generate(root, sequences=s["sequences"], frames=s["frames"], size=size, seed=s["seed"])
     ds = DavisDataset(root, split=d["split"], resolution=d["resolution"])
     if d.get("max_sequences"):
         ds.sequences = ds.sequences[: d["max_sequences"]]

@@ -30,14 +30,17 @@ def test_expansion_overrides_and_canonical_runs():
 
 
 def test_seeds_include_exclude(tmp_path):
-    path = _suite(tmp_path, """
+    path = _suite(
+        tmp_path,
+        """
 name: s
 base: {method: {name: rtn}}
 seeds: [0, 1]
 matrix: {quant.weight_bits: [8, 4]}
 exclude: [{quant.weight_bits: 4, seed: 1}]
 include: [{quant.weight_bits: 2, quant.act_bits: 6}]
-""")
+""",
+    )
     runs = load_suite(path).runs
     got = sorted((r.config["quant"]["weight_bits"], r.config["quant"]["act_bits"], r.config["seed"]) for r in runs)
     assert got == [(2, 6, 0), (4, 8, 0), (8, 8, 0), (8, 8, 1)]
@@ -57,14 +60,29 @@ def test_env_interpolation(tmp_path, monkeypatch):
     [
         ("base:\n  modle: {name: sam2_small}\n", r"s.yaml: base: unknown key 'modle'; did you mean 'model'\?"),
         ("base:\n  quant: {wieght_bits: 4}\n", r"unknown key 'quant.wieght_bits'; did you mean 'quant.weight_bits'\?"),
-        ("base:\n  quant: {weight_bits: 1}\n", r"base: quant.weight_bits: input should be greater than or equal to 2 \(got 1\)"),
+        (
+            "base:\n  quant: {weight_bits: 1}\n",
+            r"base: quant.weight_bits: input should be greater than or equal to 2 \(got 1\)",
+        ),
         ("base:\n  quant: {act_bits: eight}\n", r"quant.act_bits: input should be a valid integer.*\(got 'eight'\)"),
-        ("base:\n  data: {eval: {kind: coco}}\n", r"data.eval.kind: input should be 'synthetic' or 'davis' \(got 'coco'\)"),
+        (
+            "base:\n  data: {eval: {kind: coco}}\n",
+            r"data.eval.kind: input should be 'synthetic' or 'davis' \(got 'coco'\)",
+        ),
         ("base:\n  train: {lr: -1}\n", r"train.lr: input should be greater than 0"),
-        ("base:\n  method: {name: rtn, act_stat: median}\n", r"method.act_stat: 'median'; expected 'max' or 'percentile'"),
-        ("base:\n  method: {name: rtn, act_sat: max}\n", r"method.act_sat: not a parameter of any method; did you mean 'method.act_stat'\?"),
+        (
+            "base:\n  method: {name: rtn, act_stat: median}\n",
+            r"method.act_stat: 'median'; expected 'max' or 'percentile'",
+        ),
+        (
+            "base:\n  method: {name: rtn, act_sat: max}\n",
+            r"method.act_sat: not a parameter of any method; did you mean 'method.act_stat'\?",
+        ),
         ("base:\n  method: {name: gptq}\n", r"method.name: unknown method 'gptq'; expected one of fp, rtn"),
-        ("matrix: {quant.weight_bit: [2, 4]}\n", r"run weight_bit=2: unknown key 'quant.weight_bit'; did you mean 'quant.weight_bits'\?"),
+        (
+            "matrix: {quant.weight_bit: [2, 4]}\n",
+            r"run weight_bit=2: unknown key 'quant.weight_bit'; did you mean 'quant.weight_bits'\?",
+        ),
         ("matrix: {quant.weight_bits: []}\n", r"matrix.quant.weight_bits: expected a non-empty list"),
         ("matrix: {quant.weight_bits: 4}\n", r"s.yaml: matrix.quant.weight_bits: input should be a valid list"),
         ("sweep: {}\n", r"s.yaml: unknown key 'sweep'"),
@@ -77,7 +95,9 @@ def test_validation_errors(tmp_path, text, message):
 
 
 def test_override_errors():
-    with pytest.raises(ConfigError, match=r"command-line overrides\): unknown key 'quant.act_bit'; did you mean 'quant.act_bits'"):
+    with pytest.raises(
+        ConfigError, match=r"command-line overrides\): unknown key 'quant.act_bit'; did you mean 'quant.act_bits'"
+    ):
         load_suite("smoke", ["quant.act_bit=6"])
     with pytest.raises(ConfigError, match="override 'quant.act_bits': expected dotted.key=value"):
         load_suite("smoke", ["quant.act_bits"])
@@ -88,7 +108,9 @@ def test_override_errors():
 def test_cli_exits_2_with_one_line_before_any_work(tmp_path):
     path = _suite(tmp_path, "base:\n  quant: {weight_bits: 1}\n")
     proc = subprocess.run(
-        [sys.executable, "-m", "harness", "suite", path, "--results", str(tmp_path / "r")], capture_output=True, text=True
+        [sys.executable, "-m", "harness", "suite", path, "--results", str(tmp_path / "r")],
+        capture_output=True,
+        text=True,
     )
     assert proc.returncode == 2
     assert proc.stderr.count("\n") == 1 and "quant.weight_bits" in proc.stderr

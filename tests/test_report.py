@@ -10,10 +10,11 @@ from PIL import Image
 
 from harness.config import load_suite
 from harness.errors import ConfigError
-from harness.report import report
+from harness.report import report, report_suite
 
-# fp and rtn at W8/W4 over two seeds, on the smallest data the pipeline accepts: values are
-# meaningless (random weights) but every number in the report is a real MLflow record.
+# fp and rtn at W8/W4 over two seeds (but rtn W8 once: a cell with n=1, and one run less to wait for),
+# on about the smallest data the pipeline accepts (one calibration frame leaves the memory attention
+# uncalibrated). Values are meaningless (random weights) but every number is a real MLflow record.
 SUITE = """\
 name: reptest
 base:
@@ -26,6 +27,7 @@ matrix:
   seed: [0, 1]
 exclude:
   - {{method.name: fp, quant.weight_bits: 4}}
+  - {{method.name: rtn, quant.weight_bits: 8, seed: 1}}
 report:
 {report}
 """
@@ -63,7 +65,7 @@ def test_table_values_are_the_mlflow_metrics(recorded):
     client = MlflowClient(f"sqlite:///{results / 'mlflow.db'}")
     exp = client.get_experiment_by_name("reptest")
     runs = client.search_runs([exp.experiment_id], "tags.kind = 'run' and attributes.status = 'FINISHED'")
-    assert len(runs) == 6
+    assert len(runs) == 5
     records = pd.DataFrame(
         {"method": r.data.params["method.name"], "bits": int(r.data.params["quant.weight_bits"]),
          "seed": int(r.data.params["seed"]), "jf": 100 * r.data.metrics["J_F-mean"]} for r in runs
@@ -72,12 +74,13 @@ def test_table_values_are_the_mlflow_metrics(recorded):
     table = pd.read_csv(paths["table.csv"])
     assert list(table["method.name"]) == ["fp", "fp", "rtn", "rtn"]  # the reference row first
     assert list(table["quant.weight_bits"]) == [8, 4, 8, 4]
-    assert (table["metric"] == "J_F-mean").all() and (table["n"] == 2).all()
+    assert (table["metric"] == "J_F-mean").all() and list(table["n"]) == [2, 2, 1, 2]
     fp = expected.loc[("fp", 8)]
     for _, row in table.iterrows():
         # fp ran at 8 bits only: its runs stand for every column.
         want = fp if row["method.name"] == "fp" else expected.loc[("rtn", row["quant.weight_bits"])]
-        assert row["mean"] == pytest.approx(want["mean"]) and row["std"] == pytest.approx(want["std"])
+        assert row["n"] == want["count"] and row["mean"] == pytest.approx(want["mean"])
+        assert row["std"] == pytest.approx(want["std"], nan_ok=True)  # ddof=1 in both; NaN for n=1
         if row["method.name"] == "rtn":
             assert row["delta_fp"] == pytest.approx(want["mean"] - fp["mean"])
         else:
@@ -89,8 +92,10 @@ def test_markdown_and_latex(recorded):
     md = paths["table.md"].read_text().splitlines()
     header = next(i for i, line in enumerate(md) if line.startswith("| method \\ weight_bits | 8 | 4 |"))
     assert md[header + 2].startswith("| fp (ref.) |") and md[header + 3].startswith("| rtn |")
-    assert " ± " in md[header + 3] and re.search(r"\([+-]\d+\.\d\)", md[header + 3])
-    assert any("n = 2 per cell" in line for line in md)
+    rtn = [cell.strip() for cell in md[header + 3].strip("|").split("|")]
+    assert " ± " not in rtn[1] and rtn[1].endswith("[n=1]") and re.search(r"\([+-]\d+\.\d\)", rtn[1])
+    assert " ± " in rtn[2] and rtn[2].endswith("[n=2]")
+    assert any("n per cell in brackets" in line for line in md)
     tex = paths["table.tex"].read_text()
     for rule in ("\\toprule", "\\midrule", "\\bottomrule", "\\textbf{"):
         assert rule in tex
@@ -110,10 +115,11 @@ def test_figures_are_png_and_pdf(recorded):
 
 def test_report_shows_only_the_current_expansion(recorded, tmp_path):
     path, results, _ = recorded
-    # The same suite narrowed to 8 bits: the W4 records stay in the database but not in the report.
-    paths = report(load_suite(str(path), ["quant.weight_bits=8"]), copy_db(results, tmp_path))
+    # Narrowed to 8 bits: the W4 records stay in the database but not in the report, and the new
+    # rtn W8 seed-1 run, never recorded, is simply missing.
+    paths = report_suite(str(path), ["quant.weight_bits=8"], copy_db(results, tmp_path))
     table = pd.read_csv(paths["table.csv"])
-    assert list(table["quant.weight_bits"]) == [8, 8] and list(table["n"]) == [2, 2]
+    assert list(table["quant.weight_bits"]) == [8, 8] and list(table["n"]) == [2, 1]
 
 
 def test_errors_name_the_suite_and_key(recorded, tmp_path):
@@ -127,6 +133,9 @@ def test_errors_name_the_suite_and_key(recorded, tmp_path):
     bad_fig = "  figures: [bits_vs_metrics]\n"
     with pytest.raises(ConfigError, match=r"unknown figure 'bits_vs_metrics'; expected one of ablation, bits_vs_met"):
         report(load_suite(str(write_suite(tmp_path, bad_fig))), r)
+    no_x = "  figures: [{name: ablation, metric: fps}]\n"
+    with pytest.raises(ConfigError, match=r"report.figures\[0\]: ablation needs x"):
+        report(load_suite(str(write_suite(tmp_path, no_x))), r)
     bad_metric = "  table: {metric: jff}\n"
     with pytest.raises(ConfigError, match=r"reptest.yaml: report.table.metric: unknown metric 'jff'; expected one"):
         report(load_suite(str(write_suite(tmp_path, bad_metric))), r)

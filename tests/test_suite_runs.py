@@ -116,15 +116,27 @@ def test_dry_run_lists_run_keys_and_status(suite_file, killed_and_resumed):
     results = killed_and_resumed[0]
     proc = subprocess.run(
         [sys.executable, "-m", "harness", "suite", str(suite_file), "--dry-run", "--results", str(results)],
-        capture_output=True, text=True,
+        capture_output=True,
+        text=True,
     )
     assert proc.returncode == 0
     lines = [line.split() for line in proc.stdout.splitlines()[1:]]
     assert sorted(line[0] for line in lines) == sorted(finished_metrics(results))
     assert all(line[1] == "FINISHED" for line in lines)
     fresh = subprocess.run(
-        [sys.executable, "-m", "harness", "suite", str(suite_file), "--dry-run", "quant.act_bits=6", "--results",
-         str(results)], capture_output=True, text=True,
+        [
+            sys.executable,
+            "-m",
+            "harness",
+            "suite",
+            str(suite_file),
+            "--dry-run",
+            "quant.act_bits=6",
+            "--results",
+            str(results),
+        ],
+        capture_output=True,
+        text=True,
     )
     # Changing act_bits changes the rtn runs only; fp quantizes nothing and stays finished.
     assert sorted(line.split()[1] for line in fresh.stdout.splitlines()[1:]) == ["FINISHED", "pending", "pending"]
@@ -138,8 +150,12 @@ def test_failed_run_is_recorded_and_the_suite_goes_on(tmp_path):
     sd["obj_ptr_proj.layers.0.weight"] = torch.zeros(3, 3)
     torch.save({"model": sd}, bad)
     suite = tmp_path / "ckpts.yaml"
-    suite.write_text(SUITE.replace("name: tiny", "name: ckpts").replace(
-        "matrix:\n  method.name: [fp, rtn]\n  quant.weight_bits: [8, 4]\n", f"matrix:\n  model.checkpoint: [{bad}, {good}]\n"))
+    suite.write_text(
+        SUITE.replace("name: tiny", "name: ckpts").replace(
+            "matrix:\n  method.name: [fp, rtn]\n  quant.weight_bits: [8, 4]\n",
+            f"matrix:\n  model.checkpoint: [{bad}, {good}]\n",
+        )
+    )
     proc = start(suite, tmp_path / "r")
     out, err = proc.communicate(timeout=300)
     assert proc.returncode == 1
@@ -155,8 +171,18 @@ def test_failed_run_is_recorded_and_the_suite_goes_on(tmp_path):
     assert "Traceback" in open(trace).read()
     # A missing checkpoint is caught before any work: exit 2, nothing recorded.
     proc = subprocess.run(
-        [sys.executable, "-m", "harness", "suite", str(suite), "model.checkpoint=/nope.pt", "--results",
-         str(tmp_path / "r2")], capture_output=True, text=True,
+        [
+            sys.executable,
+            "-m",
+            "harness",
+            "suite",
+            str(suite),
+            "model.checkpoint=/nope.pt",
+            "--results",
+            str(tmp_path / "r2"),
+        ],
+        capture_output=True,
+        text=True,
     )
     assert proc.returncode == 2 and "model.checkpoint: /nope.pt does not exist" in proc.stderr
     assert not (tmp_path / "r2").exists()
