@@ -69,7 +69,8 @@ def _bench(args) -> int:
     from harness.config import base_config
     from harness.quant.policy import QuantPolicy
 
-    policy = QuantPolicy.from_config(base_config(None, args.overrides)["quant"])
+    # The quant section of an fp config is normalized away: read it as rtn's.
+    policy = QuantPolicy.from_config(base_config(None, ["method.name=rtn", *args.overrides])["quant"])
     model_list = [(m, None if m == "sam2_small" else args.image_size) for m in args.models]
     results = bench.run(policy, model_list, repeats=args.repeats)
     print(json.dumps(results, indent=1) if args.json else bench.format_text(results, policy))
@@ -183,7 +184,9 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"unrecognized arguments: {' '.join(extra)}")
     if extra:
         args.overrides += extra
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    # sam2 logs every image embedding at INFO on the root logger; only ours speaks at INFO.
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("qbench").setLevel(logging.INFO)
     # Import-time notices of brevitas's optional CUDA / Hadamard kernels say nothing about a run.
     logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
     warnings.filterwarnings("ignore", message="fast_hadamard_transform package not found")

@@ -145,3 +145,20 @@ def test_eval_weight_cache_matches_brevitas_and_follows_weight_changes():
         layer.weight.mul_(2)
         assert torch.equal(layer(x), QuantLinear.forward(layer, x))
         assert not torch.equal(layer(x), fast)
+
+
+def test_activation_fast_path_is_bit_identical_to_brevitas():
+    from harness.quant.fastpath import act_quant
+
+    model, _ = _quantized()
+    attn = model.get_submodule("image_encoder.trunk.blocks.5.attn")
+    x = torch.randn(2, 64, 32, generator=torch.Generator().manual_seed(1)) * 4
+    probs = x.softmax(-1)
+    for quantizer, t in ((attn.q_quant, x), (attn.v_quant, x), (attn.softmax_quant, probs)):
+        with torch.no_grad():
+            fast, slow = act_quant(quantizer.act_quant, t), quantizer(t)
+        assert torch.equal(fast, slow)
+        assert len(torch.unique(fast)) <= 256  # 8-bit: at most 256 levels
+    # Disabled, the shortcut steps aside and the input passes through.
+    state.set_enabled(model, False, kinds=("attention",))
+    assert torch.equal(act_quant(attn.q_quant.act_quant, x), x)

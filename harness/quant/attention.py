@@ -19,6 +19,8 @@ from sam2.modeling.backbones.hieradet import MultiScaleAttention
 from sam2.modeling.sam.transformer import Attention
 from torch.overrides import TorchFunctionMode
 
+from harness.quant.fastpath import act_quant
+
 ATTENTION_TYPES = (MultiScaleAttention, Attention)
 
 
@@ -73,9 +75,11 @@ class QuantAttentionMixin:
     def quant_sdpa(self, q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
         if attn_mask is not None or is_causal or enable_gqa:
             raise NotImplementedError("quantized attention supports plain (unmasked) attention only, as SAM2 uses")
-        q, k, v = self.q_quant(q), self.k_quant(k), self.v_quant(v)
+        q, k, v = (act_quant(m.act_quant, t) for m, t in ((self.q_quant, q), (self.k_quant, k), (self.v_quant, v)))
         scores = (q @ k.transpose(-2, -1)) * (scale if scale is not None else 1 / math.sqrt(q.shape[-1]))
-        probs = self.softmax_quant(scores.softmax(dim=-1))
+        probs = scores.softmax(dim=-1)
+        sm = self.softmax_quant
+        probs = act_quant(sm.act_quant, probs) if isinstance(sm, QuantIdentity) else sm(probs)
         if dropout_p:
             probs = F.dropout(probs, dropout_p)
         return probs @ v

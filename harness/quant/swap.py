@@ -15,6 +15,7 @@ from brevitas.nn.quant_layer import QuantWeightBiasInputOutputLayer
 from brevitas.quant_tensor import QuantTensor
 
 from harness.quant.attention import quantize_attention
+from harness.quant.fastpath import act_quant
 from harness.quant.policy import Decision, QuantPolicy, plan
 
 
@@ -25,7 +26,8 @@ class _FastQuantLayer:
     them under autocast only, Brevitas layers never: inputs are cast to the weight's dtype first.
     In eval mode the fake-quantized weight depends only on the weight and its quantizer, so it is
     computed once and reused (Brevitas re-quantizes it at every call, which made quantized
-    evaluation several times slower than FP); it is recomputed when either changes.
+    evaluation several times slower than FP); it is recomputed when either changes. The input
+    quantizer takes the shortcut of harness.quant.fastpath.
     """
 
     def forward(self, x):
@@ -33,10 +35,7 @@ class _FastQuantLayer:
             x = x.to(self.weight.dtype)
         if self.training or self.export_mode or self.output_quant.is_quant_enabled or self.bias_quant.is_quant_enabled:
             return super().forward(x)
-        x = self.input_quant(x)
-        if isinstance(x, QuantTensor):
-            x = x.value
-        return self.inner_forward_impl(x, self._eval_weight(), self.bias)
+        return self.inner_forward_impl(act_quant(self.input_quant, x), self._eval_weight(), self.bias)
 
     def _eval_weight(self) -> torch.Tensor:
         key = (
