@@ -70,19 +70,20 @@ def lint(session: nox.Session) -> None:
     session.run(PY, "-m", "ruff", "format", "--check", ".", external=True)
 
 
+def _harness(session: nox.Session, command: str) -> None:
+    if not session.posargs:
+        session.error(f"usage: nox -s {command} -- SUITE_NAME [dotted.key=value ...]")
+    _env(session)
+    session.run(PY, "-m", "harness", command, *session.posargs, external=True)
+
+
 @nox.session
 def suite(session: nox.Session) -> None:
     """Run a suite: `nox -s suite -- NAME [dotted.key=value ...]` (resumable)."""
-    if not session.posargs:
-        session.error("usage: nox -s suite -- SUITE_NAME [dotted.key=value ...]")
-    _env(session)
-    session.run(PY, "-m", "harness", "suite", *session.posargs, external=True)
+    _harness(session, "suite")
 
 
 @nox.session
 def report(session: nox.Session) -> None:
     """Tables and figures of a suite's recorded runs: `nox -s report -- NAME [dotted.key=value ...]`."""
-    if not session.posargs:
-        session.error("usage: nox -s report -- SUITE_NAME [dotted.key=value ...]")
-    _env(session)
-    session.run(PY, "-m", "harness", "report", *session.posargs, external=True)
+    _harness(session, "report")

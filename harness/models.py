@@ -72,14 +72,20 @@ def build(
     return model.to(device).eval()
 
 
+def load_torch_file(path: str | Path, what: str = "checkpoint"):
+    """torch.load with weights_only, on the CPU, and one-line errors naming the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{what} {path} does not exist")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any unpickling failure is the same user error
+        raise CheckpointError(f"{what} {path} could not be read as a torch file: {type(e).__name__}: {e}") from e
+
+
 def read_state_dict(checkpoint: str | Path) -> dict[str, torch.Tensor]:
     path = Path(checkpoint)
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint {path} does not exist")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - any unpickling failure is the same user error
-        raise CheckpointError(f"checkpoint {path} could not be read as a torch file: {type(e).__name__}: {e}") from e
+    ckpt = load_torch_file(path)
     # SAM2's released checkpoints hold {"model": state_dict}; accept a bare state dict too.
     sd = ckpt.get("model", ckpt) if isinstance(ckpt, dict) else None
     if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):

@@ -109,12 +109,7 @@ def export(model: nn.Module, path: str | Path, meta: dict, fp_dtype: str = "floa
 def read(path: str | Path) -> dict:
     """The checked contents of a packed file."""
     path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"packed model {path} does not exist")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - any unpickling failure is the same user error
-        raise CheckpointError(f"packed model {path} could not be read as a torch file: {type(e).__name__}: {e}") from e
+    ckpt = models.load_torch_file(path, "packed model")
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         raise CheckpointError(f"packed model {path}: expected a {FORMAT!r} file written by harness.quant.export")
     if ckpt.get("version") != VERSION:
