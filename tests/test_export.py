@@ -138,7 +138,12 @@ def test_export_cli_writes_a_loadable_model(tmp_path):
     from harness.quant.state import check_all_active
 
     out = tmp_path / "w4.qpt"
-    reduced = ["data.synthetic.sequences=2", "data.synthetic.frames=4", "data.synthetic.size=96x64", "data.calib.frames=3"]
+    reduced = [
+        "data.synthetic.sequences=2",
+        "data.synthetic.frames=4",
+        "data.synthetic.size=96x64",
+        "data.calib.frames=3",
+    ]
     cmd = [sys.executable, "-m", "harness", "export", "smoke", *reduced, "--run", "name=rtn,weight_bits=4"]
     proc = subprocess.run([*cmd, "--out", str(out), "--results", str(tmp_path)], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-2000:]
