@@ -58,9 +58,7 @@ def _env(session: nox.Session) -> None:
 def tests(session: nox.Session) -> None:
     """The test suite (CPU only)."""
     _env(session)
-    # Busy-waiting OpenMP threads slow the many short model calls of the tests badly on a loaded
-    # machine (seen: 38 s vs 140 s for one test file on 2 shared cores).
-    session.run(PY, "-m", "pytest", *session.posargs, env={"OMP_WAIT_POLICY": "PASSIVE"}, external=True)
+    session.run(PY, "-m", "pytest", *session.posargs, external=True)
 
 
 @nox.session

@@ -24,8 +24,17 @@ def _int_quant(proxy) -> IntQuant | None:
     return None
 
 
+def param_versions(module) -> tuple:
+    """In-place updates bump a tensor's _version: a cheap key for "these parameters changed"."""
+    # Walking a Brevitas quantizer's module tree on every call cost more than the layer itself.
+    params = module.__dict__.get("_qbench_params")
+    if params is None:
+        params = module.__dict__["_qbench_params"] = list(module.parameters())
+    return tuple(p._version for p in params)
+
+
 def _constants(proxy):
-    key = tuple(p._version for p in proxy.parameters())
+    key = param_versions(proxy)
     cached = getattr(proxy, "_qbench_eval_constants", None)
     if cached is None or cached[0] != key:
         int_quant = _int_quant(proxy)
@@ -35,7 +44,8 @@ def _constants(proxy):
             bw = proxy.bit_width()
             lo = float(min_int(int_quant.signed, int_quant.narrow_range, bw))
             hi = float(max_int(int_quant.signed, int_quant.narrow_range, bw))
-            cached = (key, (proxy.scale().detach(), proxy.zero_point().detach(), lo, hi))
+            zero_point = proxy.zero_point().detach()
+            cached = (key, (proxy.scale().detach(), zero_point if zero_point.any() else None, lo, hi))
         proxy._qbench_eval_constants = cached
     return cached[1]
 
@@ -47,4 +57,6 @@ def act_quant(proxy, x: torch.Tensor) -> torch.Tensor:
         out = proxy(x)
         return out.value if isinstance(out, QuantTensor) else out
     scale, zero_point, lo, hi = constants
+    if zero_point is None:  # symmetric: skip two elementwise passes (only the sign of a zero may differ)
+        return torch.clamp(torch.round(x / scale), lo, hi) * scale
     return (torch.clamp(torch.round(x / scale + zero_point), lo, hi) - zero_point) * scale

@@ -15,7 +15,7 @@ from brevitas.nn.quant_layer import QuantWeightBiasInputOutputLayer
 from brevitas.quant_tensor import QuantTensor
 
 from harness.quant.attention import quantize_attention
-from harness.quant.fastpath import act_quant
+from harness.quant.fastpath import act_quant, param_versions
 from harness.quant.policy import Decision, QuantPolicy, plan
 
 
@@ -42,7 +42,7 @@ class _FastQuantLayer:
             self.weight._version,
             self.weight.data_ptr(),
             self.weight_quant.is_quant_enabled,
-            tuple(p._version for p in self.weight_quant.parameters()),
+            param_versions(self.weight_quant),
         )
         if getattr(self, "_eval_weight_key", None) != key:
             w = self.quant_weight()
