@@ -18,9 +18,16 @@ import time
 from pathlib import Path
 
 
-def _alive(owner: dict, stale_after: float) -> bool:
+# Claims this process holds. A claim with our pid that is not in here was written by an earlier
+# process that had the same pid (a restarted container): stale.
+_MINE: set[Path] = set()
+
+
+def _alive(owner: dict, stale_after: float, path: Path) -> bool:
     if owner.get("host") != socket.gethostname():
         return time.time() - owner.get("time", 0) < stale_after
+    if owner.get("pid") == os.getpid():
+        return path in _MINE
     try:
         os.kill(owner["pid"], 0)
     except ProcessLookupError:
@@ -49,7 +56,7 @@ class Claims:
             owner = json.loads(path.read_text())
         except (FileNotFoundError, json.JSONDecodeError):
             return None
-        return owner if _alive(owner, self.stale_after) else None
+        return owner if _alive(owner, self.stale_after, path.resolve()) else None
 
     def claim(self, key: str, finished) -> str:
         """'claimed', 'finished' or 'busy'; `finished()` is checked under the lock."""
@@ -59,8 +66,19 @@ class Claims:
             if self.owner(key) is not None:
                 return "busy"
             owner = {"pid": os.getpid(), "host": socket.gethostname(), "time": time.time()}
-            (self.folder / f"{key}.json").write_text(json.dumps(owner))
+            path = self.folder / f"{key}.json"
+            path.write_text(json.dumps(owner))
+            _MINE.add(path.resolve())
             return "claimed"
 
     def release(self, key: str) -> None:
-        (self.folder / f"{key}.json").unlink(missing_ok=True)
+        """Remove the claim if it is still ours (another process may have taken over a stale one)."""
+        path = self.folder / f"{key}.json"
+        with self._locked():
+            try:
+                owner = json.loads(path.read_text())
+            except (FileNotFoundError, json.JSONDecodeError):
+                return
+            if owner.get("pid") == os.getpid() and owner.get("host") == socket.gethostname():
+                path.unlink()
+                _MINE.discard(path.resolve())

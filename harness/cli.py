@@ -83,6 +83,7 @@ def _export(args) -> int:
     from harness.config import load_suite
     from harness.quant.export import export
     from harness.quant.size import model_size
+    from harness.quant.state import check_all_active
     from harness.runner import prepare
 
     suite = load_suite(args.suite, args.overrides)
@@ -93,7 +94,8 @@ def _export(args) -> int:
             f"--run {args.run!r} matches {len(specs)} runs of suite {suite.name}; expected one of {names}"
         )
     cfg = specs[0].config
-    model, _ = prepare(cfg, Path(args.results), {})
+    model, decisions = prepare(cfg, Path(args.results), {})
+    check_all_active(model, decisions)  # a quantizer calibration never reached must not be shipped
     export(model, args.out, {k: cfg[k] for k in ("model", "quant", "method")}, fp_dtype=args.fp_dtype)
     size = model_size(model, fp_bytes=4 if args.fp_dtype == "float32" else 2)
     print(

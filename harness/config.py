@@ -18,6 +18,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
 import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
@@ -56,14 +57,20 @@ def find_suite(name: str) -> Path:
 
 
 def run_key(config: dict) -> str:
-    return hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    # sort_keys would hide the order of quant.bits entries, and there later entries win.
+    bits = list(config["quant"]["bits"])
+    payload = {**config, "_bits_order": bits} if len(bits) > 1 else config
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def parse_override(item: str) -> tuple[str, object]:
     key, sep, value = item.partition("=")
     if not sep or not key:
         raise ConfigError(f"override {item!r}: expected dotted.key=value")
-    return key, yaml.safe_load(value) if value else None
+    try:
+        return key, yaml.safe_load(value) if value else None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"override {item!r}: value is not valid YAML ({str(e).splitlines()[0]})") from None
 
 
 def set_dotted(cfg: dict, key: str, value, where: str) -> None:
@@ -124,6 +131,12 @@ def canonical(cfg: dict, where: str) -> dict:
     out["method"] = {"name": name, **method.params}
     if not method.quantizes:
         out["quant"] = copy.deepcopy(DEFAULTS["quant"])
+        out["data"]["calib"] = copy.deepcopy(DEFAULTS["data"]["calib"])
+    quant = out["quant"]
+    quant["qkv_bits"] = quant["qkv_bits"] or quant["act_bits"]
+    quant["softmax_bits"] = quant["softmax_bits"] or quant["act_bits"]
+    # The device changes results (bf16 autocast on CUDA): resolve it so that it is part of run_key.
+    out["device"] = out["device"] or ("cuda" if torch.cuda.is_available() else "cpu")
     return out
 
 
@@ -168,6 +181,9 @@ def load_suite(name: str, overrides: list[str] | None = None) -> Suite:
             raise ConfigError(f"{path}: matrix.{key}: expected a non-empty list of values")
     parsed = [parse_override(o) for o in overrides or []]
     combos = [dict(zip(matrix, combo)) for combo in itertools.product(*matrix.values())]
+    for key in {k for pattern in suite.exclude for k in pattern}:
+        if not _known_key(key):
+            raise ConfigError(f"{path}: exclude: unknown key {key!r}")
     combos = [c for c in combos if not any(_matches_flat(c, base, p) for p in suite.exclude)]
     combos += [dict(extra) for extra in suite.include]
     runs, seen = [], set()
@@ -177,13 +193,25 @@ def load_suite(name: str, overrides: list[str] | None = None) -> Suite:
             set_dotted(cfg, key, value, f"{path}: matrix")
         for key, value in parsed:
             set_dotted(cfg, key, value, "command-line override")
-        where = f"{path}: run {_label(combo)}" + (" (with command-line overrides)" if parsed else "")
-        cfg = canonical(cfg, where)
+        # A command-line override of a matrix key shows in the label (the run is what it says).
+        label = _label({k: dict(parsed).get(k, v) for k, v in combo.items()})
+        cfg = canonical(cfg, f"{path}: run {label}" + (" (with command-line overrides)" if parsed else ""))
         key = run_key(cfg)
         if key not in seen:
             seen.add(key)
-            runs.append(RunSpec(_label(combo), cfg, key))
+            runs.append(RunSpec(label, cfg, key))
     return Suite(suite.name or path.stem, path, runs, suite.report.model_dump())
+
+
+def _known_key(key: str) -> bool:
+    if key.startswith("method."):  # method parameters are the methods' to check
+        return True
+    node = DEFAULTS
+    for part in key.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return False
+        node = node[part]
+    return True
 
 
 def _matches_flat(combo: dict, base: dict, pattern: dict) -> bool:

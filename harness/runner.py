@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import json
 import logging
 import math
 import tempfile
@@ -43,9 +44,13 @@ def dataset(cfg: dict, part: str, results_dir: Path) -> DavisDataset:
         # Two processes of one suite may need the same dataset at once: generate it once.
         with open(Path(root).parent / ".generate.lock", "a+") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
+            size = synthetic.parse_size(s["size"])
             if not synthetic.is_complete(root):
-                size = synthetic.parse_size(s["size"])
                 synthetic.generate(root, sequences=s["sequences"], frames=s["frames"], size=size, seed=s["seed"])
+            made = json.loads((Path(root) / synthetic.COMPLETE_MARKER).read_text())
+            want = {"sequences": s["sequences"], "frames": s["frames"], "size": list(size), "seed": s["seed"]}
+            if {k: made.get(k) for k in want} != want:
+                raise ConfigError(f"data.{part}.root: {root} holds a synthetic dataset made with {made}, not {want}")
     ds = DavisDataset(root, split=d["split"], resolution=d["resolution"])
     if d.get("max_sequences"):
         ds.sequences = ds.sequences[: d["max_sequences"]]
@@ -62,8 +67,7 @@ def _phase(times: dict, name: str):
 def prepare(cfg: dict, results_dir: Path, times: dict):
     """Build, quantize and calibrate the model of a run config: (model, decisions)."""
     torch.manual_seed(cfg["seed"])
-    method_cfg = dict(cfg["method"])
-    method = methods.get(method_cfg.pop("name"), **method_cfg)
+    method = methods.from_config(cfg["method"])
     with _phase(times, "build"):
         m = cfg["model"]
         model = models.build(m["name"], m["checkpoint"], m["image_size"], cfg["device"])
@@ -111,7 +115,7 @@ def check_finite(values: dict) -> None:
 
 
 def status(suite: Suite, results_dir: str | Path = "results") -> list[tuple[RunSpec, str]]:
-    """(spec, FINISHED | RUNNING | pending) for each run; reads records without creating any."""
+    """(spec, FINISHED | RUNNING | pending) for each run; creates no database where there is none."""
     results_dir = Path(results_dir)
     if not (results_dir / "mlflow.db").is_file():
         return [(spec, "pending") for spec in suite.runs]

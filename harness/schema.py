@@ -7,14 +7,20 @@ Methods validate their own parameters (methods.base.Method); here `method` only 
 from __future__ import annotations
 
 import difflib
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
 
 from harness.errors import ConfigError
-from harness.quant.policy import DEFAULT_KEEP_FP, DEFAULT_SCOPE
+from harness.quant.policy import DEFAULT_KEEP_FP, DEFAULT_SCOPE, PARTS
 
-Bits = Field(ge=2, le=16)
+
+def _part(name: str) -> str:
+    # A scope entry is a part of SAM2 or a submodule of one (image_encoder.trunk.blocks.0, ...).
+    tops = {p.split(".")[0] for p in PARTS}
+    if name.split(".")[0] not in tops:
+        raise ValueError(f"{name!r} is not a part of SAM2; expected one of {sorted(tops)} or a submodule of one")
+    return name
 
 
 class Strict(BaseModel):
@@ -24,7 +30,7 @@ class Strict(BaseModel):
 class ModelCfg(Strict):
     name: str = "sam2_small"
     checkpoint: str | None = None
-    image_size: int | None = Field(None, ge=32, le=4096)
+    image_size: int | None = Field(None, ge=32, le=4096, multiple_of=32)  # Hiera's windows need it
 
 
 class DataPart(Strict):
@@ -65,7 +71,7 @@ class BitOverride(Strict):
 class QuantCfg(Strict):
     weight_bits: int = Field(8, ge=2, le=16)
     act_bits: int = Field(8, ge=2, le=16)
-    scope: list[str] = list(DEFAULT_SCOPE)
+    scope: list[Annotated[str, AfterValidator(_part)]] = list(DEFAULT_SCOPE)
     keep_fp: list[str] = list(DEFAULT_KEEP_FP)
     attention: bool = True
     qkv_bits: int | None = Field(None, ge=2, le=16)
@@ -148,4 +154,5 @@ def validate(model: type[BaseModel], data: dict, where: str, prefix: str = "") -
             hint = f"; did you mean {'.'.join([*map(str, loc[:-1]), close[0]])!r}?" if close else ""
             raise ConfigError(f"{where}: unknown key {path!r}{hint}") from None
         got = f" (got {err['input']!r})" if not isinstance(err.get("input"), dict) else ""
-        raise ConfigError(f"{where}: {path}: {err['msg'].lower()}{got}") from None
+        msg = err["msg"][:1].lower() + err["msg"][1:]
+        raise ConfigError(f"{where}: {path}: {msg}{got}") from None

@@ -29,6 +29,12 @@ def get(name: str, **params) -> Method:
     return REGISTRY[name](**params)
 
 
+def from_config(cfg: dict) -> Method:
+    """The method of a run config's `method` section ({name, parameters...})."""
+    params = dict(cfg)
+    return get(params.pop("name"), **params)
+
+
 class Method:
     """A quantization method: which Brevitas quantizers, how to calibrate, whether it trains.
 

@@ -20,6 +20,10 @@ class RTN(Method):
         super().__init__(**params)
         if self.params["act_stat"] not in ("max", "percentile"):
             raise ConfigError(f"method.act_stat: {self.params['act_stat']!r}; expected 'max' or 'percentile'")
+        if self.params["act_stat"] == "max":
+            del self.params["percentile"]  # unused: keep it out of run_key
+        else:
+            self.params["percentile"] = float(self.params["percentile"])
 
     def weight_quant(self, bits):
         return Int8WeightPerChannelFloat.let(bit_width=bits)

@@ -162,3 +162,19 @@ def test_activation_fast_path_is_bit_identical_to_brevitas():
     # Disabled, the shortcut steps aside and the input passes through.
     state.set_enabled(model, False, kinds=("attention",))
     assert torch.equal(act_quant(attn.q_quant.act_quant, x), x)
+
+
+def test_fast_path_keeps_gradients_and_sees_writes_through_data():
+    from harness.quant.fastpath import reset_eval_caches
+
+    model, _ = _quantized()
+    layer = model.get_submodule("image_encoder.trunk.blocks.2.mlp.layers.0")
+    x = torch.randn(3, layer.in_features)
+    layer(x).sum().backward()  # eval mode, autograd on: Brevitas's path, gradients reach the weight
+    assert layer.weight.grad is not None and layer.weight.grad.abs().sum() > 0
+    with torch.no_grad():
+        before = layer(x)
+        layer.weight.data.mul_(2)  # invisible to _version
+        reset_eval_caches(model)
+        assert torch.equal(layer(x), QuantLinear.forward(layer, x))
+        assert not torch.equal(layer(x), before)

@@ -87,11 +87,41 @@ def test_env_interpolation(tmp_path, monkeypatch):
         ("matrix: {quant.weight_bits: 4}\n", r"s.yaml: matrix.quant.weight_bits: input should be a valid list"),
         ("sweep: {}\n", r"s.yaml: unknown key 'sweep'"),
         ("base: [1, 2]\n", r"s.yaml: base: input should be a valid dictionary"),
+        ("base:\n  model: {image_size: 100}\n", r"model.image_size: input should be a multiple of 32"),
+        (
+            "base:\n  quant: {scope: [imag_encoder]}\n",
+            r"quant.scope.0: value error, 'imag_encoder' is not a part of SAM2",
+        ),
+        ("exclude: [{method.name: fp, quant.wbits: 4}]\n", r"s.yaml: exclude: unknown key 'quant.wbits'"),
     ],
 )
 def test_validation_errors(tmp_path, text, message):
     with pytest.raises(ConfigError, match=message):
         load_suite(_suite(tmp_path, text))
+
+
+def test_run_key_sees_the_order_of_bit_overrides(tmp_path):
+    # Later entries of quant.bits win, so the two orders are two different runs.
+    a = _suite(
+        tmp_path,
+        "base:\n  method: {name: rtn}\n  quant: {bits: {'*.qkv': {weight_bits: 4}, 'image_encoder.trunk.blocks.0.attn.qkv': {weight_bits: 8}}}\n",
+        "a",
+    )
+    b = _suite(
+        tmp_path,
+        "base:\n  method: {name: rtn}\n  quant: {bits: {'image_encoder.trunk.blocks.0.attn.qkv': {weight_bits: 8}, '*.qkv': {weight_bits: 4}}}\n",
+        "b",
+    )
+    assert load_suite(a).runs[0].run_key != load_suite(b).runs[0].run_key
+    # Settings that cannot change a run do not change its key.
+    plain = load_suite("smoke").runs
+    same = load_suite("smoke", ["method.percentile=50", "quant.qkv_bits=8"]).runs
+    assert [r.run_key for r in plain] == [r.run_key for r in same]
+    assert same[1].name == "name=rtn,weight_bits=8"
+    assert [r.name for r in load_suite("smoke", ["quant.weight_bits=4"]).runs] == [
+        "name=fp,weight_bits=4",
+        "name=rtn,weight_bits=4",
+    ]
 
 
 def test_override_errors():
@@ -103,6 +133,8 @@ def test_override_errors():
         load_suite("smoke", ["quant.act_bits"])
     with pytest.raises(ConfigError, match="suite 'nope' not found"):
         load_suite("nope")
+    with pytest.raises(ConfigError, match=r"override 'quant.scope=\[a': value is not valid YAML"):
+        load_suite("smoke", ["quant.scope=[a"])
 
 
 def test_cli_exits_2_with_one_line_before_any_work(tmp_path):

@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 
 from harness.data.davis import DavisDataset, write_palette_png
 from harness.evaluate import metrics
+from harness.quant.fastpath import reset_eval_caches
 from harness.quant.state import check_all_active
 
 # sam2 draws a progress bar per sequence for frame loading and for propagation; with hundreds of
@@ -75,6 +76,7 @@ def evaluate(model, dataset: DavisDataset, decisions=(), save_dir=None, progress
     With `save_dir`, predictions are written as palette PNGs in SAM2's vos_inference layout.
     """
     check_all_active(model, list(decisions))
+    reset_eval_caches(model)
     total = sum(len(dataset.frame_names(s)) for s in dataset.sequences)
     scores, seconds = {}, 0.0
     with tqdm(total=total, desc="evaluate", unit="frame", leave=False, disable=None if progress else True) as bar:

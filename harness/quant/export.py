@@ -139,8 +139,7 @@ def load(path: str | Path) -> nn.Module:
     ckpt = read(path)
     meta = ckpt["meta"]
     model = models.build(meta["model"]["name"], image_size=meta["model"].get("image_size"), device="cpu")
-    params = {k: v for k, v in meta["method"].items() if k != "name"}
-    methods.get(meta["method"]["name"], **params).quantize(model, QuantPolicy.from_config(meta["quant"]))
+    methods.from_config(meta["method"]).quantize(model, QuantPolicy.from_config(meta["quant"]))
     qlayers = quant_layers(model)
     if set(qlayers) != set(ckpt["layers"]):
         diff = sorted(set(qlayers) ^ set(ckpt["layers"]))

@@ -25,12 +25,23 @@ def _int_quant(proxy) -> IntQuant | None:
 
 
 def param_versions(module) -> tuple:
-    """In-place updates bump a tensor's _version: a cheap key for "these parameters changed"."""
-    # Walking a Brevitas quantizer's module tree on every call cost more than the layer itself.
-    params = module.__dict__.get("_qbench_params")
-    if params is None:
-        params = module.__dict__["_qbench_params"] = list(module.parameters())
-    return tuple(p._version for p in params)
+    """A cheap key for "this quantizer's tensors changed": in-place updates bump _version.
+
+    The tensor list is taken once (walking a Brevitas quantizer's module tree on every call cost
+    more than the layer itself); `reset_eval_caches` drops it with the cached values.
+    """
+    tensors = module.__dict__.get("_qbench_tensors")
+    if tensors is None:
+        tensors = module.__dict__["_qbench_tensors"] = [*module.parameters(), *module.buffers()]
+    return tuple((t._version, t.data_ptr(), t.dtype) for t in tensors)
+
+
+def reset_eval_caches(model) -> None:
+    """Forget every cached quantized weight and quantizer constant (evaluation starts with this),
+    so that changes the keys cannot see (writes through .data, swapped submodules) are picked up."""
+    for m in model.modules():
+        for attr in ("_qbench_tensors", "_qbench_eval_constants", "_eval_weight_key"):
+            m.__dict__.pop(attr, None)
 
 
 def _constants(proxy):
@@ -52,7 +63,8 @@ def _constants(proxy):
 
 def act_quant(proxy, x: torch.Tensor) -> torch.Tensor:
     """Fake-quantize `x` with a Brevitas activation proxy; returns a plain tensor."""
-    constants = None if proxy.training or not proxy.is_quant_enabled else _constants(proxy)
+    slow = proxy.training or torch.is_grad_enabled() or not proxy.is_quant_enabled
+    constants = None if slow else _constants(proxy)
     if constants is None:
         out = proxy(x)
         return out.value if isinstance(out, QuantTensor) else out

@@ -11,8 +11,7 @@ from harness.quant.size import model_size
 def inspect(cfg: dict) -> dict:
     """Rows (one per Linear / Conv / attention module) and totals for a run config."""
     model = models.build(cfg["model"]["name"], image_size=cfg["model"]["image_size"], device="cpu")
-    method_cfg = dict(cfg["method"])
-    method = methods.get(method_cfg.pop("name"), **method_cfg)
+    method = methods.from_config(cfg["method"])
     decisions = method.quantize(model, QuantPolicy.from_config(cfg["quant"]))
     rows = [
         {

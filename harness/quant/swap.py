@@ -33,7 +33,10 @@ class _FastQuantLayer:
     def forward(self, x):
         if x.dtype != self.weight.dtype and not torch.is_autocast_enabled(x.device.type):
             x = x.to(self.weight.dtype)
-        if self.training or self.export_mode or self.output_quant.is_quant_enabled or self.bias_quant.is_quant_enabled:
+        # The cached tensors are detached: whenever autograd is on (QAT, reconstruction in eval
+        # mode), take Brevitas's path.
+        slow = self.training or torch.is_grad_enabled() or self.export_mode
+        if slow or self.output_quant.is_quant_enabled or self.bias_quant.is_quant_enabled:
             return super().forward(x)
         return self.inner_forward_impl(act_quant(self.input_quant, x), self._eval_weight(), self.bias)
 
