@@ -17,7 +17,6 @@ import socket
 import time
 from pathlib import Path
 
-
 # Claims this process holds. A claim with our pid that is not in here was written by an earlier
 # process that had the same pid (a restarted container): stale.
 _MINE: set[Path] = set()
