@@ -127,15 +127,12 @@ def test_errors_name_the_suite_and_key(recorded, tmp_path):
     with pytest.raises(ConfigError, match=r"no FINISHED runs of suite reptest in .*; run `nox -s suite -- reptest`"):
         report(load_suite(str(write_suite(tmp_path))), tmp_path / "empty")
     r = copy_db(results, tmp_path)
-    bad_rows = "  table: {rows: quant.nope}\n"
-    with pytest.raises(ConfigError, match=r"report.table.rows: 'quant.nope' is not a run parameter; .*method.name"):
-        report(load_suite(str(write_suite(tmp_path, bad_rows))), r)
-    bad_fig = "  figures: [bits_vs_metrics]\n"
-    with pytest.raises(ConfigError, match=r"unknown figure 'bits_vs_metrics'; expected one of ablation, bits_vs_met"):
-        report(load_suite(str(write_suite(tmp_path, bad_fig))), r)
-    no_x = "  figures: [{name: ablation, metric: fps}]\n"
-    with pytest.raises(ConfigError, match=r"report.figures\[0\]: ablation needs x"):
-        report(load_suite(str(write_suite(tmp_path, no_x))), r)
-    bad_metric = "  table: {metric: jff}\n"
-    with pytest.raises(ConfigError, match=r"reptest.yaml: report.table.metric: unknown metric 'jff'; expected one"):
-        report(load_suite(str(write_suite(tmp_path, bad_metric))), r)
+    cases = [
+        ("  table: {rows: quant.nope}\n", r"report.table.rows: 'quant.nope' is not a run parameter; .*method.name"),
+        ("  figures: [bits_vs_metrics]\n", r"unknown figure 'bits_vs_metrics'; expected one of ablation, bits_vs_met"),
+        ("  figures: [{name: ablation, metric: fps}]\n", r"report.figures\[0\]: ablation needs x"),
+        ("  table: {metric: jff}\n", r"reptest.yaml: report.table.metric: unknown metric 'jff'; expected one"),
+    ]
+    for section, message in cases:
+        with pytest.raises(ConfigError, match=message):
+            report(load_suite(str(write_suite(tmp_path, section))), r)
