@@ -85,11 +85,54 @@ class MethodCfg(BaseModel):
     name: str = "fp"
 
 
+class TrainData(Strict):
+    # "stream": fresh generated sequences every step (never repeated, seeded by `seed`);
+    # "synthetic": the suite's generated dataset on disk; "davis": a DAVIS-layout folder.
+    kind: Literal["stream", "synthetic", "davis"] = "synthetic"
+    root: str | None = None
+    split: str = "train"
+    resolution: str = "480p"
+    seed: int = 1000  # stream only; the eval data's seeds are small, so keep this one apart
+    size: str = Field("256x144", pattern=r"^\d+x\d+$")  # stream only
+    objects: tuple[int, int] = (1, 3)  # stream only
+
+
+class Prompts(Strict):
+    # SAM2Train's prompt sampling (its own names): points with `point_prob` (then a box with
+    # `box_prob`), otherwise ground-truth masks on conditioning frames; corrective clicks.
+    point_prob: float = Field(0.5, ge=0, le=1)
+    box_prob: float = Field(0.5, ge=0, le=1)
+    correction_points: int = Field(7, ge=0)
+    frames_to_correct: int = Field(2, ge=1)
+    init_cond_frames: int = Field(1, ge=1)
+
+
+class Objectives(Strict):
+    supervised: float = Field(1.0, ge=0)  # SAM2's multi-step mask loss on ground-truth masks
+    distill_mask: float = Field(0.0, ge=0)  # MSE to the FP teacher's mask logits
+    distill_feat: float = Field(0.0, ge=0)  # MSE to the FP teacher's image-encoder features
+
+
 class TrainCfg(Strict):
     steps: int = Field(0, ge=0)
+    batch_size: int = Field(4, ge=1)  # clips per step (global, over all DDP ranks)
+    frames: int = Field(4, ge=1)  # clip length T
+    image_fraction: float = Field(0.0, ge=0, le=1)  # share of steps that are single images
     lr: float = Field(1e-4, gt=0)
-    batch_size: int = Field(4, ge=1)
-    amp: Literal["none", "bf16", "fp16"] = "none"
+    weight_decay: float = Field(0.01, ge=0)
+    quant_lr: float = Field(1e-3, gt=0)  # quantizer parameters (scales, clips, offsets)
+    quant_weight_decay: float = Field(0.0, ge=0)
+    warmup_steps: int = Field(0, ge=0)
+    min_lr_ratio: float = Field(0.0, ge=0, le=1)  # cosine decays to lr * min_lr_ratio
+    grad_clip: float = Field(1.0, ge=0)  # 0: off
+    amp: Literal["auto", "none", "bf16", "fp16"] = "auto"  # auto: bf16 on CUDA, fp32 on CPU
+    flip: bool = True
+    scale_jitter: float = Field(0.0, ge=0, lt=1)  # zoom in by up to this fraction
+    objectives: Objectives = Objectives()
+    prompts: Prompts = Prompts()
+    data: TrainData = TrainData()
+    checkpoint_every: int = Field(50, ge=1)
+    log_every: int = Field(10, ge=1)
 
 
 class EvalCfg(Strict):
