@@ -18,3 +18,7 @@ class DatasetError(QBenchError):
 
 class CheckpointError(QBenchError):
     """A checkpoint is missing, unreadable or does not match its model config."""
+
+
+class NonFiniteError(RuntimeError):
+    """A metric or training loss is NaN or infinite: the run is recorded as FAILED with the reason."""

@@ -38,10 +38,14 @@ def config_path(name: str) -> Path:
     raise ConfigError(f"model.name: unknown model {name!r}; expected one of {', '.join(available())} or a .yaml path")
 
 
-def load_config(name: str, image_size: int | None = None, overrides: list[str] | None = None):
+TRAIN_TARGET = "training.model.sam2.SAM2Train"
+
+
+def load_config(name: str, image_size: int | None = None, overrides: list[str] | None = None, train: bool = False):
     cfg = OmegaConf.load(config_path(name))
-    # Always the video predictor class: it is a SAM2Base, so image inference works on it too.
-    cfg.model._target_ = "sam2.sam2_video_predictor.SAM2VideoPredictor"
+    # Inference: always the video predictor class (a SAM2Base, so image inference works on it
+    # too). Training: SAM2's own training model, whose state dict is the same.
+    cfg.model._target_ = TRAIN_TARGET if train else "sam2.sam2_video_predictor.SAM2VideoPredictor"
     if image_size is not None:
         if image_size % 32:
             raise ConfigError(f"model.image_size: {image_size} is not a multiple of 32 (Hiera's windows need it)")
@@ -61,15 +65,48 @@ def build(
     image_size: int | None = None,
     device: str | torch.device | None = None,
     overrides: list[str] | None = None,
+    train: dict | None = None,
 ) -> torch.nn.Module:
-    """Build SAM2 `name` in eval mode, with weights from `checkpoint` if given (random otherwise)."""
-    cfg = load_config(name, image_size, overrides)
+    """Build SAM2 `name` in eval mode, with weights from `checkpoint` if given (random otherwise).
+
+    With `train` (SAM2Train keyword arguments, e.g. from `train_kwargs`), the model is SAM2's
+    training model `training.model.sam2.SAM2Train` instead of the video predictor.
+    """
+    cfg = load_config(name, image_size, overrides, train=train is not None)
     OmegaConf.resolve(cfg)
-    model = instantiate(cfg.model, _recursive_=True)
+    model = instantiate(cfg.model, **(train or {}), _recursive_=True)
     if checkpoint is not None:
         load_checkpoint(model, checkpoint, config=str(config_path(name)))
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     return model.to(device).eval()
+
+
+def train_kwargs(prompts: dict) -> dict:
+    """SAM2Train's prompt-sampling arguments from a run config's `train.prompts` section."""
+    return dict(
+        prob_to_use_pt_input_for_train=prompts["point_prob"],
+        prob_to_use_box_input_for_train=prompts["box_prob"],
+        num_correction_pt_per_frame=prompts["correction_points"],
+        num_frames_to_correct_for_train=max(prompts["frames_to_correct"], prompts["init_cond_frames"]),
+        rand_frames_to_correct_for_train=True,
+        num_init_cond_frames_for_train=prompts["init_cond_frames"],
+        rand_init_cond_frames_for_train=True,
+    )
+
+
+def training_view(model: torch.nn.Module, name: str, image_size: int | None, prompts: dict) -> torch.nn.Module:
+    """A SAM2Train whose modules, parameters and buffers are `model`'s own (shared, not copied).
+
+    Training it trains `model` in place, quantizers included (their swapped layers are the same
+    objects), so the model that is evaluated is the one that was trained.
+    """
+    view = build(name, image_size=image_size, device="meta", train=train_kwargs(prompts))
+    for attr in ("_modules", "_parameters", "_buffers"):
+        own = getattr(view, attr)
+        own.clear()
+        own.update(getattr(model, attr))
+    view.train(model.training)
+    return view
 
 
 def load_torch_file(path: str | Path, what: str = "checkpoint"):

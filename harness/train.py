@@ -1,8 +1,272 @@
-"""Training loop (QAT / fine-tuning / pretraining). Being written: see issue 7."""
+"""Training loop: QAT, fine-tuning and the embedded default's pretraining.
+
+`fit` reads top to bottom: config, model, optimizer, resume, loop, checkpoint. The forward and
+the loss are SAM2's own: `training.model.sam2.SAM2Train` (a view sharing the student's modules,
+see models.training_view) and `training.loss_fns.MultiStepMultiMasksAndIous` (focal 20, dice 1,
+IoU 1, object score 1, as SAM2's training configs), fed with clips from harness/data/clips.py.
+A method adds parameter groups, loss terms and a per-step hook (methods.base.Method).
+
+Data parallel through torchrun (WORLD_SIZE > 1): every rank takes its share of the global batch,
+gradients are averaged by DDP, and rank 0 alone writes checkpoints and records.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import copy
+import math
+import os
+import random
+import time
+from pathlib import Path
 
-def train(ctx, method) -> dict:
-    """Train `ctx.student` with `method`'s param_groups(), loss_terms() and on_step(); returns metrics."""
-    raise NotImplementedError
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from harness import models
+from harness.data.clips import ClipDataset, collate
+from harness.errors import NonFiniteError
+
+# SAM2's weights for focal, dice, IoU and object-score terms (sam2.1 training configs).
+LOSS_WEIGHTS = {"loss_mask": 20.0, "loss_dice": 1.0, "loss_iou": 1.0, "loss_class": 1.0}
+
+
+def sam2_loss():
+    # Imported here: training.loss_fns pulls in training.trainer (tensorboard, hydra, iopath).
+    from training.loss_fns import MultiStepMultiMasksAndIous
+
+    return MultiStepMultiMasksAndIous(
+        weight_dict=dict(LOSS_WEIGHTS),
+        supervise_all_iou=True,
+        iou_use_l1_loss=True,
+        pred_obj_scores=True,
+        focal_gamma_obj_score=0.0,
+        focal_alpha_obj_score=-1.0,
+    )
+
+
+def lr_factor(step: int, steps: int, warmup: int, min_ratio: float) -> float:
+    """Linear warmup, then cosine from 1 down to `min_ratio` at the last step."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(steps - warmup, 1)
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+
+
+def _rank() -> tuple[int, int]:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return (dist.get_rank(), world) if world > 1 else (0, 1)
+
+
+def _rng_state(view) -> dict:
+    return {
+        "torch": torch.get_rng_state(),
+        "numpy": np.random.get_state(),
+        "python": random.getstate(),
+        "sam2train": view.rng.bit_generator.state,  # SAM2Train's own prompt sampler
+    }
+
+
+def _set_rng_state(view, state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    view.rng.bit_generator.state = state["sam2train"]
+
+
+def _autocast(amp: str, device: torch.device):
+    if amp == "bf16" or (amp == "auto" and device.type == "cuda"):
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def _distill(student_out, teacher_out, student_feats, teacher_feats, weights) -> dict:
+    terms = {}
+    if weights["distill_mask"]:
+        # Binary cross-entropy to the teacher's mask probabilities: bounded where the teacher's
+        # "no object" logits are -1024 (an MSE on logits would be dominated by them).
+        terms["distill_mask"] = sum(
+            F.binary_cross_entropy_with_logits(s["pred_masks"].float(), torch.sigmoid(t["pred_masks"].float()))
+            for s, t in zip(student_out, teacher_out, strict=True)
+        ) / len(student_out)
+    if weights["distill_feat"]:
+        terms["distill_feat"] = sum(
+            F.mse_loss(s.float(), t.float()) for s, t in zip(student_feats, teacher_feats, strict=True)
+        ) / len(student_feats)
+    return terms
+
+
+def _encoder_features(view) -> tuple[list, object]:
+    feats = []
+    hook = view.image_encoder.register_forward_hook(lambda m, i, out: feats.extend(out["backbone_fpn"]))
+    return feats, hook
+
+
+def train_data(cfg: dict, dataset_for) -> ClipDataset:
+    """The clip source of a run config's `train.data` section; `dataset_for(part)` opens DAVIS layouts."""
+    t, image_size = cfg["train"], cfg["model"]["image_size"]
+    image_size = image_size or models.load_config(cfg["model"]["name"]).model.image_size
+    d = t["data"]
+    if d["kind"] == "stream":
+        from harness.data.synthetic import parse_size
+
+        source = {"seed": d["seed"], "size": parse_size(d["size"]), "objects": d["objects"]}
+    else:
+        source = dataset_for(d)
+    return ClipDataset(source, image_size, t["frames"], cfg["seed"], t["flip"], t["scale_jitter"])
+
+
+def fit(model, cfg: dict, data: ClipDataset, checkpoint_dir: str | Path | None = None, method=None, teacher=None,
+        log=None, progress: bool = True) -> dict:
+    """Train `model` in place as `cfg["train"]` says; returns the last logged metrics.
+
+    `data`: clips; `checkpoint_dir`: where `last.pt` is written every `checkpoint_every` steps
+    and resumed from; `method`: param_groups(), loss_terms(), on_step() (None: every parameter
+    in one group); `teacher`: the FP model for distillation; `log(metrics, step)`: records.
+    """
+    # --- config
+    t = cfg["train"]
+    steps, batch = t["steps"], t["batch_size"]
+    rank, world = _rank()
+    if batch % world:
+        raise ValueError(f"train.batch_size {batch} is not divisible by the {world} data-parallel ranks")
+    device = next(model.parameters()).device
+    torch.manual_seed(cfg["seed"])
+    image_data = copy.copy(data)
+    image_data.frames = 1
+
+    # --- model: SAM2's training forward over the student's own modules; the teacher likewise
+    view = models.training_view(model, cfg["model"]["name"], cfg["model"]["image_size"], t["prompts"])
+    view.train()
+    net = view
+    if world > 1:
+        net = torch.nn.parallel.DistributedDataParallel(view, find_unused_parameters=True)
+    objectives = t["objectives"]
+    distilling = objectives["distill_mask"] or objectives["distill_feat"]
+    teacher_view = None
+    if distilling:
+        if teacher is None:
+            raise ValueError("train.objectives: distillation needs the FP teacher")
+        teacher_view = models.training_view(teacher, cfg["model"]["name"], cfg["model"]["image_size"], t["prompts"])
+        teacher_view.eval().requires_grad_(False)
+        teacher_view.training = True  # SAM2Train samples prompts as in training only when training
+    criterion = sam2_loss()
+
+    # --- optimizer: AdamW, quantizer parameters with their own learning rate and weight decay
+    groups = method.param_groups(model) if method is not None else [{"name": "model", "params": list(model.parameters())}]
+    for g in groups:
+        quant = g["name"] == "quant"
+        g.setdefault("lr", t["quant_lr"] if quant else t["lr"])
+        g.setdefault("weight_decay", t["quant_weight_decay"] if quant else t["weight_decay"])
+        g["base_lr"] = g["lr"]
+    groups = [g for g in groups if g["params"]]
+    optimizer = torch.optim.AdamW(groups)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: lr_factor(s, steps, t["warmup_steps"], t["min_lr_ratio"])
+    )
+
+    # --- resume
+    start, history = 0, []
+    ckpt = Path(checkpoint_dir) / "last.pt" if checkpoint_dir else None
+    if ckpt is not None and ckpt.is_file():
+        state = torch.load(ckpt, map_location=device, weights_only=False)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        schedule.load_state_dict(state["scheduler"])
+        _set_rng_state(view, state["rng"][rank] if rank < len(state["rng"]) else state["rng"][0])
+        start, history = state["step"], state["history"]
+
+    # --- loop
+    metrics, last = {}, time.perf_counter()
+    bar = tqdm(range(start, steps), initial=start, total=steps, desc="train", unit="step",
+               disable=None if progress and rank == 0 else True)
+    for step in bar:
+        # The data position is the step: clip indices of this step, this rank's share of them.
+        image_step = t["image_fraction"] and np.random.default_rng([cfg["seed"], step]).random() < t["image_fraction"]
+        source = image_data if image_step else data
+        share = batch // world
+        clips = [source[step * batch + rank * share + i] for i in range(share)]
+        inputs = collate(clips)
+        if inputs is None:
+            continue
+        inputs = inputs.to(device)
+        if teacher_view is not None:
+            teacher_rng = (copy.deepcopy(view.rng), torch.get_rng_state())
+        feats, hook = _encoder_features(view)
+        with _autocast(t["amp"], device):
+            outputs = net(inputs)
+            hook.remove()
+            losses = criterion(outputs, inputs.masks)
+            terms = {k: losses[k] for k in LOSS_WEIGHTS}
+            loss = objectives["supervised"] * losses["core_loss"]
+            if teacher_view is not None:
+                # The teacher sees the same prompts: the same prompt-sampler and torch RNG state.
+                teacher_view.rng = teacher_rng[0]
+                with torch.no_grad(), torch.random.fork_rng(devices=[]):
+                    torch.set_rng_state(teacher_rng[1])
+                    t_feats, t_hook = _encoder_features(teacher_view)
+                    t_outputs = teacher_view(inputs)
+                    t_hook.remove()
+                extra = _distill(outputs, t_outputs, feats, t_feats, objectives)
+                for name, value in extra.items():
+                    loss = loss + objectives[name] * value
+                terms.update(extra)
+            for name, value in (method.loss_terms(model) if method is not None else {}).items():
+                loss, terms[name] = loss + value, value
+        terms["loss"] = loss
+        for name, value in terms.items():
+            value = float(value)
+            if not math.isfinite(value):
+                raise NonFiniteError(f"train step {step}: loss term {name} is {value}")
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if t["grad_clip"]:
+            torch.nn.utils.clip_grad_norm_([p for g in groups for p in g["params"]], t["grad_clip"])
+        optimizer.step()
+        schedule.step()
+        if method is not None:
+            method.on_step(model, step)
+
+        if world > 1:
+            reduced = torch.tensor([float(terms["loss"])], device=device)
+            dist.all_reduce(reduced)
+            terms["loss"] = reduced / world
+        done = step + 1
+        if done % t["log_every"] == 0 or done == steps:
+            now = time.perf_counter()
+            metrics = {f"train/{k}": float(v) for k, v in terms.items()}
+            metrics["train/lr"] = optimizer.param_groups[0]["lr"]
+            metrics["train/step_s"] = (now - last) / t["log_every"]
+            last = now
+            history.append({"step": done, **metrics})
+            if rank == 0 and log is not None:
+                log(metrics, done)
+            bar.set_postfix(loss=f"{float(terms['loss']):.3f}", refresh=False)
+
+        # --- checkpoint
+        if ckpt is not None and (done % t["checkpoint_every"] == 0 or done == steps):
+            rngs = [_rng_state(view)]
+            if world > 1:
+                rngs = [None] * world
+                dist.all_gather_object(rngs, _rng_state(view))
+            if rank == 0:
+                state = {
+                    "model": model.state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "scheduler": schedule.state_dict(),
+                    "step": done,
+                    "rng": rngs,
+                    "history": history,
+                }
+                ckpt.parent.mkdir(parents=True, exist_ok=True)
+                tmp = ckpt.with_suffix(f".tmp-{os.getpid()}")
+                torch.save(state, tmp)
+                tmp.replace(ckpt)  # a kill mid-write leaves the previous checkpoint intact
+    bar.close()
+    model.eval()
+    return {"metrics": metrics, "history": history}
