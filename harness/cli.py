@@ -6,6 +6,7 @@ import argparse
 import logging
 import sys
 import warnings
+from pathlib import Path
 
 from harness.errors import QBenchError
 
@@ -114,6 +115,18 @@ def _report(args) -> int:
     return 0
 
 
+def _pretrain(args) -> int:
+    from pathlib import Path
+
+    from harness.pretrain import pretrain
+
+    card = pretrain(args.overrides, Path(args.out), Path(args.results))
+    print(f"wrote {Path(args.out) / card['file']} (sha256 {card['sha256'][:16]}...) and its model card")
+    for row in card["val"]:
+        print(f"  {row['method']:<5} {row['bits']:<5} J&F {row['J&F']:.3f}")
+    return 0
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="qbench", description="Low-bit quantization benchmarks for SAM2.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -167,6 +180,12 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--suite", help="take quant and method settings from this suite's base")
     s.add_argument("--json", action="store_true", help="one JSON document instead of a table")
     s.set_defaults(fn=_inspect)
+
+    s = sub.add_parser("pretrain-proxy", help="train the embedded default (sam2_small) from scratch and ship it")
+    s.add_argument("overrides", nargs="*", help="dotted overrides of harness/configs/pretrain_proxy.yaml")
+    s.add_argument("--out", default=str(Path(__file__).parent / "checkpoints"), help="folder of weights + card")
+    s.add_argument("--results", default="results", help="MLflow records, checkpoints to resume from")
+    s.set_defaults(fn=_pretrain)
 
     s = sub.add_parser("bench", help="forward time of the fake-quantized model over FP (CPU, one run)")
     s.add_argument("overrides", nargs="*", help="quant overrides, e.g. quant.weight_bits=4 quant.act_bits=8")

@@ -7,7 +7,9 @@ through `image_predictor`, the image predictor.
 
 from __future__ import annotations
 
+import hashlib
 import importlib.resources
+import json
 from pathlib import Path
 
 import torch
@@ -39,6 +41,41 @@ def config_path(name: str) -> Path:
 
 
 TRAIN_TARGET = "training.model.sam2.SAM2Train"
+# Weights the project trains and ships (harness/checkpoints/<name>.pt with a model card <name>.json
+# holding its sha256); `checkpoint: null` loads them, `checkpoint: random` keeps random weights.
+EMBEDDED = Path(__file__).parent / "checkpoints"
+RANDOM = "random"
+
+
+def embedded_card(name: str) -> dict | None:
+    card = EMBEDDED / f"{name}.json"
+    return json.loads(card.read_text()) if card.is_file() else None
+
+
+def resolve_checkpoint(name: str, checkpoint: str | Path | None) -> Path | None:
+    """The file to load for a model config's `checkpoint` (None: random weights)."""
+    if checkpoint == RANDOM:
+        return None
+    if checkpoint is not None:
+        return Path(checkpoint)
+    card = embedded_card(name)
+    return EMBEDDED / card["file"] if card else None
+
+
+def verify_embedded(path: Path) -> None:
+    """The shipped weights must be the ones their model card describes (sha256)."""
+    card = embedded_card(path.stem)
+    if card is None or path.resolve() != (EMBEDDED / card["file"]).resolve():
+        return
+    if not path.is_file():
+        raise CheckpointError(f"embedded checkpoint {path} is missing; restore it with `git checkout -- {path}`")
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    if digest != card["sha256"]:
+        raise CheckpointError(
+            f"embedded checkpoint {path}: sha256 {digest[:16]}... does not match its model card "
+            f"{EMBEDDED / (path.stem + '.json')} ({card['sha256'][:16]}...): the file is damaged or was replaced; "
+            "restore it with git or rerun `qbench pretrain-proxy`"
+        )
 
 
 def load_config(name: str, image_size: int | None = None, overrides: list[str] | None = None, train: bool = False):
@@ -75,8 +112,10 @@ def build(
     cfg = load_config(name, image_size, overrides, train=train is not None)
     OmegaConf.resolve(cfg)
     model = instantiate(cfg.model, **(train or {}), _recursive_=True)
-    if checkpoint is not None:
-        load_checkpoint(model, checkpoint, config=str(config_path(name)))
+    path = resolve_checkpoint(name, checkpoint)
+    if path is not None:
+        verify_embedded(path)
+        load_checkpoint(model, path, config=str(config_path(name)))
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     return model.to(device).eval()
 
@@ -100,7 +139,7 @@ def training_view(model: torch.nn.Module, name: str, image_size: int | None, pro
     Training it trains `model` in place, quantizers included (their swapped layers are the same
     objects), so the model that is evaluated is the one that was trained.
     """
-    view = build(name, image_size=image_size, device="meta", train=train_kwargs(prompts))
+    view = build(name, RANDOM, image_size, device="meta", train=train_kwargs(prompts))
     for attr in ("_modules", "_parameters", "_buffers"):
         own = getattr(view, attr)
         own.clear()
@@ -149,10 +188,17 @@ def load_checkpoint(model: torch.nn.Module, checkpoint: str | Path, config: str 
     model.load_state_dict(sd)
 
 
-def save_checkpoint(model: torch.nn.Module, path: str | Path) -> None:
-    """Save in SAM2's released format ({"model": state_dict}), readable by `build`."""
+def save_checkpoint(model: torch.nn.Module, path: str | Path, dtype: torch.dtype | None = None) -> None:
+    """Save in SAM2's released format ({"model": state_dict}), readable by `build`.
+
+    With `dtype` (e.g. torch.float16), floating-point tensors are stored in it; loading casts
+    them back to the model's dtype.
+    """
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    torch.save({"model": model.state_dict()}, path)
+    sd = model.state_dict()
+    if dtype is not None:
+        sd = {k: v.to(dtype) if v.is_floating_point() else v for k, v in sd.items()}
+    torch.save({"model": sd}, path)
 
 
 def image_predictor(model):

@@ -220,7 +220,7 @@ def fit(model, cfg: dict, data: ClipDataset, checkpoint_dir: str | Path | None =
                 loss, terms[name] = loss + value, value
         terms["loss"] = loss
         for name, value in terms.items():
-            value = float(value)
+            value = float(value.detach()) if torch.is_tensor(value) else float(value)
             if not math.isfinite(value):
                 raise NonFiniteError(f"train step {step}: loss term {name} is {value}")
         optimizer.zero_grad(set_to_none=True)
