@@ -47,14 +47,15 @@ def bench_model(name, image_size, policy: QuantPolicy, method_name="rtn", repeat
     q = models.build(name, image_size=image_size, device="cpu")
     q.load_state_dict(fp.state_dict())
     method = methods.get(method_name)
-    method.quantize(q, policy)
+    ctx = methods.ptq(method, q, policy)
     with tempfile.TemporaryDirectory() as tmp:
         root = synthetic.generate(f"{tmp}/data", sequences=1, frames=frames, size=(256, 144), seed=0, val_fraction=1.0)
         ds = DavisDataset(root, "val")
         seq = ds.sequences[0]
         image = ds.image(seq, ds.frame_names(seq)[0])
         box = np.array([30, 20, 200, 120])
-        method.calibrate(q, lambda: (_image_step(q, image, box), _video_step(q, ds, seq, frames)))
+        ctx.calib_feed = lambda m: (_image_step(m, image, box), _video_step(m, ds, seq, frames))
+        method.calibrate(ctx)
         out = {"model": name, "image_size": q.image_size}
         for label, step in (
             ("image", lambda m: _image_step(m, image, box)),

@@ -1,6 +1,7 @@
 """One RunSpec end to end, and the suite loop that runs them all and writes the summary table.
 
-build FP model -> method.quantize -> method.calibrate -> evaluate (J&F) -> size -> MLflow.
+build the student -> method.plan -> quantize -> calibrate -> train (training methods) -> evaluate
+(J&F) -> size -> MLflow. Here harness reaches methods, through the registry only.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from harness.data import synthetic
 from harness.data.davis import DavisDataset
 from harness.errors import ConfigError
 from harness.evaluate import vos
+from harness.quant import export
 from harness.quant.policy import QuantPolicy
 from harness.quant.size import model_size
 from harness.tracking import Tracker
@@ -64,27 +66,79 @@ def _phase(times: dict, name: str):
     times[f"time_{name}_s"] = time.perf_counter() - start
 
 
-def prepare(cfg: dict, results_dir: Path, times: dict):
-    """Build, quantize and calibrate the model of a run config: (model, decisions)."""
+def _log(metrics: dict, step: int | None = None) -> None:
+    if mlflow.active_run() is not None:  # `qbench export` prepares a run outside any record
+        mlflow.log_metrics(metrics, step=step)
+
+
+def context(cfg: dict, results_dir: Path) -> methods.Context:
+    """The student of a run config and what its method's steps may ask for."""
+    m = cfg["model"]
+
+    def build():
+        return models.build(m["name"], m["checkpoint"], m["image_size"], cfg["device"])
+
+    def make_teacher():
+        # Re-seeded, so that without a checkpoint it draws the student's random weights, on a
+        # forked generator, so that building it late does not change the run's random stream.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(cfg["seed"])
+            return build().eval().requires_grad_(False)
+
+    def calib_feed(model):
+        return vos.run_frames(model, dataset(cfg, "calib", results_dir), cfg["data"]["calib"]["frames"])
+
     torch.manual_seed(cfg["seed"])
+    ctx = methods.Context(
+        cfg,
+        build(),
+        QuantPolicy.from_config(cfg["quant"]),
+        make_teacher=make_teacher,
+        calib_feed=calib_feed,
+        log=_log,
+        results_dir=results_dir,
+    )
+
+    def train(method):
+        from harness.train import train  # the training stack is imported only by runs that train
+
+        return train(ctx, method)
+
+    ctx.train = train
+    return ctx
+
+
+def prepare(cfg: dict, results_dir: Path, metrics: dict):
+    """Run a config's method up to evaluation: (model, decisions).
+
+    `metrics` receives the time of each step (time_<step>_s) and the training metrics.
+    """
     method = methods.from_config(cfg["method"])
-    with _phase(times, "build"):
-        m = cfg["model"]
-        model = models.build(m["name"], m["checkpoint"], m["image_size"], cfg["device"])
-    with _phase(times, "quantize"):
-        decisions = method.quantize(model, QuantPolicy.from_config(cfg["quant"]))
+    with _phase(metrics, "build"):
+        ctx = context(cfg, results_dir)
+    with _phase(metrics, "plan"):
+        method.plan(ctx)
+    with _phase(metrics, "quantize"):
+        method.quantize(ctx)
     if method.quantizes:
-        calib_ds = dataset(cfg, "calib", results_dir)
-        with _phase(times, "calibrate"):
-            method.calibrate(model, lambda: vos.run_frames(model, calib_ds, cfg["data"]["calib"]["frames"]))
-    return model, decisions
+        with _phase(metrics, "calibrate"):
+            method.calibrate(ctx)
+    if method.trains and cfg["train"]["steps"] > 0:
+        with _phase(metrics, "train"):
+            metrics.update(method.train(ctx))
+    return ctx.student, ctx.decisions
+
+
+def load_packed(path: str | Path):
+    """A packed model file (harness.quant.export) rebuilt with the method it was exported with."""
+    return export.load(path, methods.from_config(export.read(path)["meta"]["method"]))
 
 
 def run_one(spec, results_dir: Path) -> dict:
     """Run one spec inside an active MLflow run; returns its metrics."""
     cfg, times = spec.config, {}
     eval_ds = dataset(cfg, "eval", results_dir)
-    model, decisions = prepare(cfg, results_dir, times)
+    model, decisions = prepare(cfg, results_dir, times)  # times: also the training metrics
     with _phase(times, "evaluate"), tempfile.TemporaryDirectory() as tmp:
         save = Path(tmp) / "predictions" if cfg["eval"]["save_predictions"] else None
         per_object, summary = vos.evaluate(model, eval_ds, decisions, save_dir=save)

@@ -1,17 +1,57 @@
-"""The Method interface and the registry that harness code reaches methods through."""
+"""The Method interface, the Context a run's steps share, and the registry harness code reaches methods through.
+
+A run is a line of steps over one Context: plan -> quantize -> calibrate (quantizing methods) ->
+train (training methods). Methods import harness.errors and harness.quant.* only; the runner
+fills the Context with what needs the rest of harness (models, data, tracking, training loop).
+"""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+
+import torch
+import torch.nn as nn
 from brevitas.core.stats import StatsOp
 from brevitas.nn import QuantIdentity
 from brevitas.quant import Uint8ActPerTensorFloat
 
 from harness.errors import ConfigError
+from harness.quant import policy as quant_policy
 from harness.quant import swap
 from harness.quant.attention import Log2Quant
 from harness.quant.policy import Decision, QuantPolicy
+from harness.quant.state import quantizer_parameters
 
 REGISTRY: dict[str, type[Method]] = {}
+
+
+def _no_log(metrics: dict, step: int | None = None) -> None:
+    pass
+
+
+@dataclass
+class Context:
+    """What the steps of one run share. Fields a step does not need may stay None (bench, tests)."""
+
+    cfg: dict
+    student: nn.Module
+    policy: QuantPolicy
+    make_teacher: Callable[[], nn.Module] | None = None
+    calib_feed: Callable[[nn.Module], object] | None = None  # runs the calibration frames through a model
+    train: Callable[[Method], dict] | None = None  # the runner's training loop
+    log: Callable[..., None] = _no_log  # log(metrics, step=None) to the run's record
+    results_dir: Path | None = None
+    decisions: list[Decision] = field(default_factory=list)
+
+    @cached_property
+    def teacher(self) -> nn.Module:
+        """The FP model, built on first use: most methods never need it, and it costs a model's memory."""
+        if self.make_teacher is None:
+            raise ConfigError("this run has no FP teacher (Context.make_teacher is not set)")
+        return self.make_teacher()
 
 
 def register(name: str):
@@ -36,10 +76,12 @@ def from_config(cfg: dict) -> Method:
 
 
 class Method:
-    """A quantization method: which Brevitas quantizers, how to calibrate, whether it trains.
+    """A quantization method: its Brevitas quantizers and its steps over a run's Context.
 
-    Subclasses declare their parameters as class attributes in `defaults`; a suite's `method`
-    section sets them (unknown keys are an error).
+    The defaults are plain min-max PTQ of the policy as written; fp and rtn show them. Subclasses
+    declare their parameters in `defaults`; a suite's `method` section sets them (unknown keys
+    are an error). Custom behaviour belongs in the quantizers (Brevitas scaling implementations),
+    so that every method runs through the same swapped layers, the eval fast path and export.
     """
 
     name = "base"
@@ -67,9 +109,42 @@ class Method:
         act_quant = Uint8ActPerTensorFloat.let(bit_width=bits, scaling_stats_op=StatsOp.MAX)
         return QuantIdentity(act_quant=act_quant, return_quant_tensor=False)
 
-    def quantize(self, model, policy: QuantPolicy) -> list[Decision]:
-        return swap.quantize(model, policy, self)
+    def plan(self, ctx: Context) -> list[Decision]:
+        """Per-module choices before the swap (data-dependent bit maps go here); default: the policy."""
+        ctx.decisions = quant_policy.plan(ctx.student, ctx.policy)
+        return ctx.decisions
 
-    def calibrate(self, model, feed) -> None:
-        """`feed()` runs the calibration frames through `model`."""
-        swap.calibrate(model, feed)
+    def quantize(self, ctx: Context) -> None:
+        swap.quantize(ctx.student, ctx.decisions, self)
+
+    def calibrate(self, ctx: Context) -> None:
+        """PTQ initialisation of the quantizers; default: Brevitas's calibration over the calibration feed."""
+        swap.calibrate(ctx.student, lambda: ctx.calib_feed(ctx.student))
+
+    def train(self, ctx: Context) -> dict:
+        """Runs only when `trains` and train.steps > 0; returns the training metrics."""
+        return ctx.train(self)
+
+    def param_groups(self, model: nn.Module) -> list[dict]:
+        """Optimizer groups: "model" (weights, biases, norms) and "quant" (scales, clips, offsets)."""
+        quant = [p for p in quantizer_parameters(model).values() if p.requires_grad]
+        ids = {id(p) for p in quant}
+        own = [p for p in model.parameters() if p.requires_grad and id(p) not in ids]
+        return [{"name": "model", "params": own}, {"name": "quant", "params": quant}]
+
+    def loss_terms(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        """Extra loss terms added to the training loss (a clip penalty, say), each a scalar."""
+        return {}
+
+    def on_step(self, model: nn.Module, step: int) -> None:
+        """Called after each optimizer step."""
+
+
+def ptq(method: Method, model: nn.Module, policy: QuantPolicy, feed=None) -> Context:
+    """plan, quantize and, given `feed(model)`, calibrate a model outside a run (bench, tests)."""
+    ctx = Context(cfg={}, student=model, policy=policy, calib_feed=feed)
+    method.plan(ctx)
+    method.quantize(ctx)
+    if feed is not None and method.quantizes:
+        method.calibrate(ctx)
+    return ctx

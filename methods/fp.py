@@ -1,5 +1,6 @@
 """Full precision: the unquantized reference, measured in the same suite as every method."""
 
+from harness.quant.policy import Decision
 from methods.base import Method, register
 
 
@@ -7,8 +8,15 @@ from methods.base import Method, register
 class FP(Method):
     quantizes = False
 
-    def quantize(self, model, policy):
-        return []
+    def plan(self, ctx):
+        # One decision per module, all FP: evaluation's all-active check then asks for nothing.
+        ctx.decisions = [
+            Decision(d.name, d.kind, d.params, quantize=False, reason="method fp") for d in super().plan(ctx)
+        ]
+        return ctx.decisions
 
-    def calibrate(self, model, feed):
+    def quantize(self, ctx):
+        pass
+
+    def calibrate(self, ctx):
         pass

@@ -21,11 +21,9 @@ IMAGES = torch.rand(2, 3, 128, 128, generator=torch.Generator().manual_seed(0))
 def _quantized(policy=None, calibrate=True):
     torch.manual_seed(0)
     model = models.build("sam2_small", device="cpu")
-    method = methods.get("rtn")
-    decisions = method.quantize(model, policy or QuantPolicy(weight_bits=4, act_bits=8))
-    if calibrate:
-        method.calibrate(model, lambda: model.image_encoder(IMAGES))
-    return model, decisions
+    feed = (lambda m: m.image_encoder(IMAGES)) if calibrate else None
+    ctx = methods.ptq(methods.get("rtn"), model, policy or QuantPolicy(weight_bits=4, act_bits=8), feed)
+    return model, ctx.decisions
 
 
 def test_every_attention_module_has_its_own_active_quantizers():

@@ -1,3 +1,4 @@
+import json
 import math
 
 import numpy as np
@@ -55,9 +56,23 @@ def _run(model, image):
     return [feats[0]["vision_features"], *feats[0]["backbone_fpn"]], [masks, ious, logits]
 
 
+def _calibrate(frames):
+    return lambda model: [_run(model, f) for f in frames[:-1]]
+
+
+def _meta(quant):
+    model = {"name": "sam2_small", "checkpoint": None, "image_size": 128}
+    return {"model": model, "quant": quant, "method": {"name": "rtn", "act_stat": "max"}}
+
+
+def _load(path):
+    return load(path, methods.get("rtn"))
+
+
 @pytest.fixture(scope="module")
 def quantized(frames):
-    """bits -> (model quantized with rtn and calibrated on the first frames, meta, its outputs on the last frame)."""
+    """bits -> (model quantized with rtn and calibrated on the first frames, meta, decisions, its
+    outputs on the last frame)."""
     cache = {}
 
     def get(bits):
@@ -66,12 +81,8 @@ def quantized(frames):
             model = models.build("sam2_small", device="cpu")
             # keep_fp=[] quantizes the decoder's ConvTranspose2d too (output channels on axis 1).
             quant = {"weight_bits": bits, "act_bits": 8, "keep_fp": []}
-            method = methods.get("rtn")
-            method.quantize(model, QuantPolicy.from_config(quant))
-            method.calibrate(model, lambda: [_run(model, f) for f in frames[:-1]])
-            meta = {"model": {"name": "sam2_small", "checkpoint": None, "image_size": 128}, "quant": quant}
-            meta["method"] = {"name": "rtn", "act_stat": "max"}
-            cache[bits] = model, meta, _run(model, frames[-1])
+            ctx = methods.ptq(methods.get("rtn"), model, QuantPolicy.from_config(quant), _calibrate(frames))
+            cache[bits] = model, _meta(quant), ctx.decisions, _run(model, frames[-1])
         return cache[bits]
 
     return get
@@ -83,8 +94,9 @@ def _check_size(path, model, fp_bytes):
     stored = [*ckpt["tensors"].values(), *(v for r in ckpt["layers"].values() for v in r.values())]
     data = sum(t.nbytes for t in stored if isinstance(t, torch.Tensor))
     assert data == model_size(model, fp_bytes=fp_bytes)["packed_bytes"]
-    # The pickle holds every tensor's name (~40 KB for sam2_small's ~770 tensors), shape and offset.
-    names = sum(map(len, ckpt["tensors"])) + sum(map(len, ckpt["layers"]))
+    # The pickle holds every tensor's name (~40 KB for sam2_small's ~770 tensors), shape and
+    # offset, and meta (the per-module decisions: ~30 KB).
+    names = sum(map(len, ckpt["tensors"])) + sum(map(len, ckpt["layers"])) + len(json.dumps(ckpt["meta"]))
     overhead = path.stat().st_size - data
     assert 0 < overhead <= 0.02 * data + 64 * 1024 + names
     return path.stat().st_size
@@ -92,9 +104,9 @@ def _check_size(path, model, fp_bytes):
 
 @pytest.mark.parametrize("bits", [2, 4, 8])
 def test_export_load_is_exact(bits, quantized, frames, tmp_path):
-    model, meta, (feats, preds) = quantized(bits)
-    export(model, tmp_path / "q.pt", meta)
-    loaded = load(tmp_path / "q.pt")
+    model, meta, decisions, (feats, preds) = quantized(bits)
+    export(model, tmp_path / "q.pt", meta, decisions)
+    loaded = _load(tmp_path / "q.pt")
     assert set(quant_layers(loaded)) == set(quant_layers(model))
     assert any(type(m).__name__ == "QConvTranspose2d" for m in quant_layers(loaded).values())
     feats2, preds2 = _run(loaded, frames[-1])
@@ -107,35 +119,57 @@ def test_export_load_is_exact(bits, quantized, frames, tmp_path):
 
 
 def test_bfloat16_export_is_smaller_and_close(quantized, frames, tmp_path):
-    model, meta, ((ref, *_), _) = quantized(4)
-    export(model, tmp_path / "f32.pt", meta)
-    export(model, tmp_path / "bf16.pt", meta, fp_dtype="bfloat16")
+    model, meta, decisions, ((ref, *_), _) = quantized(4)
+    export(model, tmp_path / "f32.pt", meta, decisions)
+    export(model, tmp_path / "bf16.pt", meta, decisions, fp_dtype="bfloat16")
     assert _check_size(tmp_path / "bf16.pt", model, 2) < _check_size(tmp_path / "f32.pt", model, 4)
-    out = _run(load(tmp_path / "bf16.pt"), frames[-1])[0][0]
+    out = _run(_load(tmp_path / "bf16.pt"), frames[-1])[0][0]
     assert not torch.equal(ref, out)
     assert (out - ref).norm() / ref.norm() < 0.05
 
 
 def test_bad_files_and_options(quantized, tmp_path):
     with pytest.raises(CheckpointError, match=r"packed model .*missing\.pt does not exist"):
-        load(tmp_path / "missing.pt")
+        _load(tmp_path / "missing.pt")
     torch.save({"model": {"w": torch.zeros(2)}}, tmp_path / "plain.pt")
     with pytest.raises(CheckpointError, match=r"packed model .*plain\.pt: expected a 'qbench-packed' file"):
-        load(tmp_path / "plain.pt")
+        _load(tmp_path / "plain.pt")
     (tmp_path / "junk.pt").write_bytes(b"not a torch file")
     with pytest.raises(CheckpointError, match=r"packed model .*junk\.pt could not be read"):
-        load(tmp_path / "junk.pt")
-    model, meta, _ = quantized(4)
+        _load(tmp_path / "junk.pt")
+    model, meta, decisions, _ = quantized(4)
     with pytest.raises(ConfigError, match="export.fp_dtype: 'float16'"):
-        export(model, tmp_path / "q.pt", meta, fp_dtype="float16")
+        export(model, tmp_path / "q.pt", meta, decisions, fp_dtype="float16")
+    export(model, tmp_path / "q.pt", meta, decisions)
+    with pytest.raises(ConfigError, match="exported with method 'rtn', not 'fp'"):
+        load(tmp_path / "q.pt", methods.get("fp"))
+
+
+def test_a_plan_that_differs_from_the_policy_reloads_exactly(frames, tmp_path):
+    torch.manual_seed(0)
+    model = models.build("sam2_small", device="cpu")
+    quant = {"weight_bits": 8, "act_bits": 8}
+    method = methods.get("rtn")
+    ctx = methods.Context({}, model, QuantPolicy.from_config(quant), calib_feed=_calibrate(frames))
+    changed = {d.name: d for d in method.plan(ctx)}["image_encoder.trunk.blocks.0.attn.qkv"]
+    changed.weight_bits, changed.act_bits = 3, 4  # as a data-dependent plan might
+    method.quantize(ctx)
+    method.calibrate(ctx)
+    export(model, tmp_path / "q.pt", _meta(quant), ctx.decisions)
+    loaded = _load(tmp_path / "q.pt")
+    layer = quant_layers(loaded)[changed.name]
+    assert int(layer.weight_quant.bit_width()) == 3 and int(layer.input_quant.bit_width()) == 4
+    (feats, preds), (feats2, preds2) = _run(model, frames[-1]), _run(loaded, frames[-1])
+    assert all(torch.equal(a, b) for a, b in zip(feats, feats2))
+    assert all(np.array_equal(a, b) for a, b in zip(preds, preds2))
 
 
 def test_export_cli_writes_a_loadable_model(tmp_path):
     import subprocess
     import sys
 
-    from harness.quant import export as export_mod
     from harness.quant.state import check_all_active
+    from harness.runner import load_packed
 
     out = tmp_path / "w4.qpt"
     reduced = [
@@ -147,8 +181,8 @@ def test_export_cli_writes_a_loadable_model(tmp_path):
     cmd = [sys.executable, "-m", "harness", "export", "smoke", *reduced, "--run", "name=rtn,weight_bits=4"]
     proc = subprocess.run([*cmd, "--out", str(out), "--results", str(tmp_path)], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    model = export_mod.load(out)
+    model = load_packed(out)
     check_all_active(model, [])
-    assert {int(m.weight_quant.bit_width()) for m in export_mod.quant_layers(model).values()} == {4}
+    assert {int(m.weight_quant.bit_width()) for m in quant_layers(model).values()} == {4}
     bad = subprocess.run([*cmd[:-1], "name=nope", "--out", str(out)], capture_output=True, text=True)
     assert bad.returncode == 2 and "matches 0 runs" in bad.stderr

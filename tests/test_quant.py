@@ -34,7 +34,7 @@ def test_policy_swaps_what_it_plans_and_keeps_fp_globs():
         )
     ]
     kept.append("image_encoder.trunk.patch_embed.proj")
-    decisions = methods.get("rtn").quantize(model, QuantPolicy(weight_bits=4, act_bits=8))
+    decisions = methods.ptq(methods.get("rtn"), model, QuantPolicy(weight_bits=4, act_bits=8)).decisions
     layers = quant_layers(model)
     assert len(layers) == in_scope - len(kept) == sum(d.quantize and d.kind != "Attention" for d in decisions)
     for name in kept:
@@ -47,7 +47,7 @@ def test_policy_swaps_what_it_plans_and_keeps_fp_globs():
 def test_scope_and_per_glob_bits():
     model = models.build("sam2_small", device="cpu")
     policy = QuantPolicy(scope=["memory_attention"], keep_fp=[], bits={"*cross_attn_image*": {"weight_bits": 2}})
-    methods.get("rtn").quantize(model, policy)
+    methods.ptq(methods.get("rtn"), model, policy)
     layers = quant_layers(model)
     assert all(n.startswith("memory_attention.") for n in layers)
     assert len(layers) == _count(models.build("sam2_small", device="cpu"), "memory_attention.")
@@ -74,15 +74,18 @@ def _encoder_error(davis_root, bits):
     fp = models.build("sam2_small", device="cpu")
     q = models.build("sam2_small", device="cpu")
     q.load_state_dict(fp.state_dict())
-    method = methods.get("rtn")
-    method.quantize(q, QuantPolicy(weight_bits=bits, act_bits=8, scope=["image_encoder"]))
     frames = []
     for seq in ds.sequences:
         for name in ds.frame_names(seq):
             img = torch.from_numpy(ds.image(seq, name)).permute(2, 0, 1).float() / 255
             frames.append(nn.functional.interpolate(img[None], size=(128, 128), mode="bilinear"))
     calib, test = torch.cat(frames[:-2]), torch.cat(frames[-2:])
-    method.calibrate(q, lambda: q.image_encoder(calib))
+    methods.ptq(
+        methods.get("rtn"),
+        q,
+        QuantPolicy(weight_bits=bits, act_bits=8, scope=["image_encoder"]),
+        lambda m: m.image_encoder(calib),
+    )
     with torch.no_grad():
         ref = fp.image_encoder(test)["vision_features"]
         out = q.image_encoder(test)["vision_features"]
@@ -97,7 +100,7 @@ def test_w8_close_to_fp_and_w4_further(davis_root):
 
 def test_packed_size_of_one_layer_by_hand():
     model = nn.Sequential(nn.Linear(64, 32), nn.LayerNorm(32))
-    methods.get("rtn").quantize(model, QuantPolicy(weight_bits=4, act_bits=8, scope=["0"], keep_fp=[]))
+    methods.ptq(methods.get("rtn"), model, QuantPolicy(weight_bits=4, act_bits=8, scope=["0"], keep_fp=[]))
     size = model_size(model)
     # weight codes 32*64*4/8 = 1024 B, 32 per-channel scales * 2 B = 64 B, one activation scale 2 B;
     # FP in BF16: bias 32 + LayerNorm 64 parameters = 96 * 2 B = 192 B.

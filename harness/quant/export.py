@@ -9,13 +9,16 @@ in two's complement, so four 2-bit codes share a byte and 3-bit codes straddle b
 A zero point is a code and is stored like one (int8 / uint8); symmetric quantizers have none and
 store an empty tensor. harness.quant.size.model_size(model, fp_bytes) counts exactly these bytes.
 
-`load` rebuilds the model from meta (models.build, then the method's quantize), restores the
-tensors and hands each quantized layer's weight quantizer the stored scale and zero point:
-recomputing the scale from the restored weights can be 1 ulp off, the stored one is exact.
+meta holds the run's model, quant and method sections and `decisions`, the per-module plan the
+model was quantized by (Decision fields). `load` rebuilds the model from meta (models.build, then
+the swap those decisions ask for, not a fresh plan: a data-dependent plan reloads exactly),
+restores the tensors and hands each quantized layer's weight quantizer the stored scale and zero
+point: recomputing the scale from the restored weights can be 1 ulp off, the stored one is exact.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -25,11 +28,12 @@ import torch.nn as nn
 
 from harness import models
 from harness.errors import CheckpointError, ConfigError
-from harness.quant.policy import QuantPolicy
+from harness.quant import swap
+from harness.quant.policy import Decision
 from harness.quant.size import stored_tensors
 from harness.quant.swap import quant_layers
 
-FORMAT, VERSION = "qbench-packed", 1
+FORMAT, VERSION = "qbench-packed", 2  # 2: meta holds the decisions
 FP_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
@@ -74,10 +78,14 @@ def _zero_point_codes(zp: torch.Tensor, signed: bool, name: str) -> torch.Tensor
 
 
 @torch.no_grad()
-def export(model: nn.Module, path: str | Path, meta: dict, fp_dtype: str = "float32") -> None:
-    """Write `model` (quantized by a method, calibrated) to `path`; `meta` lets `load` rebuild it."""
+def export(
+    model: nn.Module, path: str | Path, meta: dict, decisions: list[Decision], fp_dtype: str = "float32"
+) -> None:
+    """Write `model` (quantized by `decisions`, calibrated) to `path`; `meta` (model, quant and
+    method sections) and the decisions let `load` rebuild it."""
     if fp_dtype not in FP_DTYPES:
         raise ConfigError(f"export.fp_dtype: {fp_dtype!r}; expected one of {', '.join(FP_DTYPES)}")
+    meta = {**meta, "decisions": [dataclasses.asdict(d) for d in decisions]}
     json.dumps(meta)  # fails here, not at load time: torch.load(weights_only=True) reads plain data only
     dtype = FP_DTYPES[fp_dtype]
     qlayers = quant_layers(model)
@@ -115,8 +123,10 @@ def read(path: str | Path) -> dict:
     if ckpt.get("version") != VERSION:
         raise CheckpointError(f"packed model {path}: {FORMAT} version {ckpt.get('version')}; expected {VERSION}")
     parts = {"layers", "tensors"} <= ckpt.keys() and isinstance(ckpt.get("meta"), dict)
-    if not parts or not {"model", "quant", "method"} <= ckpt["meta"].keys():
-        raise CheckpointError(f"packed model {path}: expected meta (model, quant, method), layers and tensors")
+    if not parts or not {"model", "quant", "method", "decisions"} <= ckpt["meta"].keys():
+        raise CheckpointError(
+            f"packed model {path}: expected meta (model, quant, method, decisions), layers and tensors"
+        )
     return ckpt
 
 
@@ -132,18 +142,22 @@ class _Stored(nn.Module):
 
 
 @torch.no_grad()
-def load(path: str | Path) -> nn.Module:
-    """Rebuild the exported model on the CPU, in eval mode, with outputs equal to the exported one's."""
-    import methods  # methods import harness.quant; a top-level import would be circular
+def load(path: str | Path, method) -> nn.Module:
+    """Rebuild the exported model on the CPU, in eval mode, with outputs equal to the exported one's.
 
+    `method`: the file's method (from its meta's method section, through the registry), whose
+    quantizers the stored decisions are swapped in with.
+    """
     ckpt = read(path)
     meta = ckpt["meta"]
+    if method.name != meta["method"]["name"]:
+        raise ConfigError(f"packed model {path}: exported with method {meta['method']['name']!r}, not {method.name!r}")
     model = models.build(meta["model"]["name"], image_size=meta["model"].get("image_size"), device="cpu")
-    methods.from_config(meta["method"]).quantize(model, QuantPolicy.from_config(meta["quant"]))
+    swap.quantize(model, [Decision(**d) for d in meta["decisions"]], method)
     qlayers = quant_layers(model)
     if set(qlayers) != set(ckpt["layers"]):
         diff = sorted(set(qlayers) ^ set(ckpt["layers"]))
-        raise CheckpointError(f"packed model {path}: quantized layers differ from its meta's policy: {diff[:3]}")
+        raise CheckpointError(f"packed model {path}: quantized layers differ from its stored decisions: {diff[:3]}")
 
     state = dict(ckpt["tensors"])
     stored = {}

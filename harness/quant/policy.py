@@ -100,6 +100,7 @@ class Decision:
     weight_bits: int | None = None
     act_bits: int | None = None  # layer input; for attention, the q/k/v inputs
     softmax_bits: int | None = None
+    softmax_quant: str | None = None  # attention: "uniform" | "log2"
     reason: str = ""
 
 
@@ -132,6 +133,7 @@ def plan(model: nn.Module, policy: QuantPolicy) -> list[Decision]:
             d.reason = "quant.attention is off"
         elif attention:
             d.quantize, d.act_bits, d.softmax_bits = True, policy.qkv_bits, policy.softmax_bits
+            d.softmax_quant = policy.softmax_quant
         else:
             d.quantize, d.weight_bits, d.act_bits = True, policy.weight_bits, policy.act_bits
         if d.quantize:

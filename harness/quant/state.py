@@ -11,6 +11,7 @@ import fnmatch
 
 import torch.nn as nn
 from brevitas.core.scaling.standalone import ParameterFromRuntimeStatsScaling
+from brevitas.proxy.quant_proxy import QuantProxyFromInjector
 
 from harness.errors import QBenchError
 from harness.quant.attention import QuantAttentionMixin
@@ -73,3 +74,16 @@ def check_all_active(model: nn.Module, decisions: list[Decision]) -> None:
     if problems:
         more = f" (+{len(problems) - 3} more)" if len(problems) > 3 else ""
         raise QuantStateError(f"{len(problems)} quantizers not active: {'; '.join(problems[:3])}{more}")
+
+
+def quantizer_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
+    """Parameters that belong to quantizers (learned scales, clips, offsets), by name.
+
+    A quantizer is a Brevitas proxy (a layer's weight_quant / input_quant / output_quant, a
+    QuantIdentity's act_quant) or one of an attention module's q/k/v/softmax quantizers (Log2Quant
+    is not Brevitas). A layer's own weight and bias are not quantizer parameters.
+    """
+    owners = [q for _, q in quantizers(model).values()]
+    owners += [m for m in model.modules() if isinstance(m, QuantProxyFromInjector)]
+    ids = {id(p) for m in owners for p in m.parameters()}
+    return {name: p for name, p in model.named_parameters() if id(p) in ids}

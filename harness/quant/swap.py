@@ -16,7 +16,7 @@ from brevitas.quant_tensor import QuantTensor
 
 from harness.quant.attention import quantize_attention
 from harness.quant.fastpath import act_quant, param_versions
-from harness.quant.policy import Decision, QuantPolicy, plan
+from harness.quant.policy import Decision
 
 
 class _FastQuantLayer:
@@ -99,25 +99,22 @@ def _quant_layer(module: nn.Module, weight_quant, act_quant) -> nn.Module:
     return q
 
 
-def quantize(model: nn.Module, policy: QuantPolicy, method) -> list[Decision]:
-    """Swap every layer the policy selects; returns all decisions (quantized and kept in FP).
+def quantize(model: nn.Module, decisions: list[Decision], method) -> None:
+    """Swap every module the decisions quantize (a plan, or the decisions stored in a packed file).
 
     `method.weight_quant(bits)`, `method.act_quant(bits)` give a layer's Brevitas injectors and
     `method.softmax_quant(bits, kind)` an attention module's probability quantizer.
     """
-    decisions = plan(model, policy)
     for d in decisions:
         if d.quantize and d.kind == "Attention":
             attn = model.get_submodule(d.name)
-            quantize_attention(
-                attn, method.act_quant(d.act_bits), method.softmax_quant(d.softmax_bits, policy.softmax_quant)
-            )
+            softmax = method.softmax_quant(d.softmax_bits, d.softmax_quant or "uniform")
+            quantize_attention(attn, method.act_quant(d.act_bits), softmax)
         elif d.quantize:
             parent_name, _, child = d.name.rpartition(".")
             parent = model.get_submodule(parent_name)
             old = getattr(parent, child)
             setattr(parent, child, _quant_layer(old, method.weight_quant(d.weight_bits), method.act_quant(d.act_bits)))
-    return decisions
 
 
 def quant_layers(model: nn.Module) -> dict[str, QuantWeightBiasInputOutputLayer]:

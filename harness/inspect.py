@@ -9,10 +9,13 @@ from harness.quant.size import model_size
 
 
 def inspect(cfg: dict) -> dict:
-    """Rows (one per Linear / Conv / attention module) and totals for a run config."""
+    """Rows (one per Linear / Conv / attention module) and totals for a run config: its method's
+    plan and swap, without calibration."""
     model = models.build(cfg["model"]["name"], image_size=cfg["model"]["image_size"], device="cpu")
     method = methods.from_config(cfg["method"])
-    decisions = method.quantize(model, QuantPolicy.from_config(cfg["quant"]))
+    ctx = methods.Context(cfg, model, QuantPolicy.from_config(cfg["quant"]))
+    decisions = method.plan(ctx)
+    method.quantize(ctx)
     rows = [
         {
             "module": d.name,
