@@ -108,8 +108,9 @@ def canonical(cfg: dict, where: str) -> dict:
 
     The method validates its own parameters. Parameters of other registered methods are dropped
     (a suite sweeping method.name over [fp, rtn, lsq] sets each one's parameters in one `method`
-    section), and a method that quantizes nothing gets the default quant section, so that
-    settings which cannot change a run cannot make two run_keys for it.
+    section), a method that quantizes nothing gets the default quant section and one that does
+    not train the default train section, so that settings which cannot change a run cannot make
+    two run_keys for it.
     """
     out = validate(RunConfig, cfg, where).model_dump()
     for glob, bits in out["quant"]["bits"].items():
@@ -132,6 +133,8 @@ def canonical(cfg: dict, where: str) -> dict:
     if not method.quantizes:
         out["quant"] = copy.deepcopy(DEFAULTS["quant"])
         out["data"]["calib"] = copy.deepcopy(DEFAULTS["data"]["calib"])
+    if not method.trains:
+        out["train"] = copy.deepcopy(DEFAULTS["train"])
     quant = out["quant"]
     quant["qkv_bits"] = quant["qkv_bits"] or quant["act_bits"]
     quant["softmax_bits"] = quant["softmax_bits"] or quant["act_bits"]

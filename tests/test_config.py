@@ -5,7 +5,7 @@ import sys
 
 import pytest
 
-from harness.config import load_suite
+from harness.config import base_config, load_suite, run_key
 from harness.errors import ConfigError
 
 
@@ -122,6 +122,13 @@ def test_run_key_sees_the_order_of_bit_overrides(tmp_path):
         "name=fp,weight_bits=4",
         "name=rtn,weight_bits=4",
     ]
+
+
+@pytest.mark.parametrize("method", ["fp", "rtn"])
+def test_train_settings_do_not_change_the_run_key_of_a_method_that_does_not_train(method):
+    plain = base_config(None, [f"method.name={method}"])
+    trained = base_config(None, [f"method.name={method}", "train.steps=10", "train.lr=0.5"])
+    assert run_key(plain) == run_key(trained)
 
 
 def test_override_errors():
