@@ -53,7 +53,7 @@ def _inspect(args) -> int:
     import json
 
     from harness.config import base_config
-    from harness.quant.inspect import format_text, inspect
+    from harness.inspect import format_text, inspect
 
     # Without a suite, inspect the min-max PTQ layout (fp, the default method, quantizes nothing).
     defaults = [] if args.suite else ["method.name=rtn"]
@@ -97,7 +97,7 @@ def _export(args) -> int:
     cfg = specs[0].config
     model, decisions = prepare(cfg, Path(args.results), {})
     check_all_active(model, decisions)  # a quantizer calibration never reached must not be shipped
-    export(model, args.out, {k: cfg[k] for k in ("model", "quant", "method")}, fp_dtype=args.fp_dtype)
+    export(model, args.out, {k: cfg[k] for k in ("model", "quant", "method")}, decisions, fp_dtype=args.fp_dtype)
     size = model_size(model, fp_bytes=4 if args.fp_dtype == "float32" else 2)
     print(
         f"wrote {args.out}: {Path(args.out).stat().st_size / 1e6:.3f} MB on disk, "
@@ -164,7 +164,7 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("suite")
     s.add_argument("overrides", nargs="*", help="dotted overrides")
     s.add_argument("--run", required=True, help="run name or run_key (see `qbench suite NAME --dry-run`)")
-    s.add_argument("--out", required=True, help="file to write (load with harness.quant.export.load)")
+    s.add_argument("--out", required=True, help="file to write (load with harness.runner.load_packed)")
     s.add_argument(
         "--fp-dtype",
         default="float32",

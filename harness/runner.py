@@ -35,8 +35,9 @@ from harness.tracking import Tracker
 log = logging.getLogger("qbench")
 
 
-def dataset(cfg: dict, part: str, results_dir: Path) -> DavisDataset:
-    d = cfg["data"][part]
+def dataset(cfg: dict, part: str | dict, results_dir: Path) -> DavisDataset:
+    """The dataset of `cfg["data"][part]`, or of a data section given as a dict (train.data)."""
+    d = cfg["data"][part] if isinstance(part, str) else part
     root = d["root"]
     if d["kind"] == "synthetic":
         s = cfg["data"]["synthetic"]
@@ -71,7 +72,7 @@ def _log(metrics: dict, step: int | None = None) -> None:
         mlflow.log_metrics(metrics, step=step)
 
 
-def context(cfg: dict, results_dir: Path) -> methods.Context:
+def context(cfg: dict, results_dir: Path, checkpoint_dir: Path | None = None) -> methods.Context:
     """The student of a run config and what its method's steps may ask for."""
     m = cfg["model"]
 
@@ -97,6 +98,7 @@ def context(cfg: dict, results_dir: Path) -> methods.Context:
         calib_feed=calib_feed,
         log=_log,
         results_dir=results_dir,
+        checkpoint_dir=checkpoint_dir,
     )
 
     def train(method):
@@ -108,14 +110,14 @@ def context(cfg: dict, results_dir: Path) -> methods.Context:
     return ctx
 
 
-def prepare(cfg: dict, results_dir: Path, metrics: dict):
+def prepare(cfg: dict, results_dir: Path, metrics: dict, checkpoint_dir: Path | None = None):
     """Run a config's method up to evaluation: (model, decisions).
 
     `metrics` receives the time of each step (time_<step>_s) and the training metrics.
     """
     method = methods.from_config(cfg["method"])
     with _phase(metrics, "build"):
-        ctx = context(cfg, results_dir)
+        ctx = context(cfg, results_dir, checkpoint_dir)
     with _phase(metrics, "plan"):
         method.plan(ctx)
     with _phase(metrics, "quantize"):
@@ -134,11 +136,12 @@ def load_packed(path: str | Path):
     return export.load(path, methods.from_config(export.read(path)["meta"]["method"]))
 
 
-def run_one(spec, results_dir: Path) -> dict:
+def run_one(spec, results_dir: Path, suite: str = "default") -> dict:
     """Run one spec inside an active MLflow run; returns its metrics."""
     cfg, times = spec.config, {}
     eval_ds = dataset(cfg, "eval", results_dir)
-    model, decisions = prepare(cfg, results_dir, times)  # times: also the training metrics
+    checkpoints = results_dir / "checkpoints" / suite / spec.run_key  # a killed training run resumes here
+    model, decisions = prepare(cfg, results_dir, times, checkpoints)  # times: also the training metrics
     with _phase(times, "evaluate"), tempfile.TemporaryDirectory() as tmp:
         save = Path(tmp) / "predictions" if cfg["eval"]["save_predictions"] else None
         per_object, summary = vos.evaluate(model, eval_ds, decisions, save_dir=save)
@@ -188,7 +191,7 @@ def preflight(suite: Suite) -> None:
     for spec in suite.runs:
         cfg = spec.config
         ckpt = cfg["model"]["checkpoint"]
-        if ckpt and not Path(ckpt).is_file():
+        if ckpt and ckpt != models.RANDOM and not Path(ckpt).is_file():
             raise ConfigError(f"{suite.path}: run {spec.name}: model.checkpoint: {ckpt} does not exist")
         for part in ("eval", "calib"):
             d = cfg["data"][part]
@@ -214,7 +217,7 @@ def run_suite(suite: Suite, results_dir: str | Path = "results") -> tuple[list[d
             try:
                 tracker.mark_killed(spec.run_key)
                 with tracker.run(spec):
-                    run_one(spec, results_dir)
+                    run_one(spec, results_dir, suite.name)
             except Exception as e:  # noqa: BLE001 - a failed run is recorded; the suite goes on
                 log.error("run %s failed: %s: %s", spec.name, type(e).__name__, e)
                 failed.append((spec.name, f"{type(e).__name__}: {e}"))

@@ -107,6 +107,20 @@ def _encoder_features(view) -> tuple[list, object]:
     return feats, hook
 
 
+def train(ctx, method) -> dict:
+    """The `train` step of a run (methods.base.Context): fit the student, return the last metrics."""
+    from harness.runner import dataset  # the runner owns dataset generation and its lock
+
+    data = train_data(ctx.cfg, lambda d: dataset(ctx.cfg, d, ctx.results_dir))
+    teacher = (
+        ctx.teacher
+        if ctx.cfg["train"]["objectives"]["distill_mask"] or ctx.cfg["train"]["objectives"]["distill_feat"]
+        else None
+    )
+    result = fit(ctx.student, ctx.cfg, data, ctx.checkpoint_dir, method=method, teacher=teacher, log=ctx.log)
+    return result["metrics"]
+
+
 def train_data(cfg: dict, dataset_for) -> ClipDataset:
     """The clip source of a run config's `train.data` section; `dataset_for(part)` opens DAVIS layouts."""
     t, image_size = cfg["train"], cfg["model"]["image_size"]
@@ -121,8 +135,16 @@ def train_data(cfg: dict, dataset_for) -> ClipDataset:
     return ClipDataset(source, image_size, t["frames"], cfg["seed"], t["flip"], t["scale_jitter"])
 
 
-def fit(model, cfg: dict, data: ClipDataset, checkpoint_dir: str | Path | None = None, method=None, teacher=None,
-        log=None, progress: bool = True) -> dict:
+def fit(
+    model,
+    cfg: dict,
+    data: ClipDataset,
+    checkpoint_dir: str | Path | None = None,
+    method=None,
+    teacher=None,
+    log=None,
+    progress: bool = True,
+) -> dict:
     """Train `model` in place as `cfg["train"]` says; returns the last logged metrics.
 
     `data`: clips; `checkpoint_dir`: where `last.pt` is written every `checkpoint_every` steps
@@ -158,7 +180,9 @@ def fit(model, cfg: dict, data: ClipDataset, checkpoint_dir: str | Path | None =
     criterion = sam2_loss()
 
     # --- optimizer: AdamW, quantizer parameters with their own learning rate and weight decay
-    groups = method.param_groups(model) if method is not None else [{"name": "model", "params": list(model.parameters())}]
+    groups = (
+        method.param_groups(model) if method is not None else [{"name": "model", "params": list(model.parameters())}]
+    )
     for g in groups:
         quant = g["name"] == "quant"
         g.setdefault("lr", t["quant_lr"] if quant else t["lr"])
@@ -183,8 +207,14 @@ def fit(model, cfg: dict, data: ClipDataset, checkpoint_dir: str | Path | None =
 
     # --- loop
     metrics, last = {}, time.perf_counter()
-    bar = tqdm(range(start, steps), initial=start, total=steps, desc="train", unit="step",
-               disable=None if progress and rank == 0 else True)
+    bar = tqdm(
+        range(start, steps),
+        initial=start,
+        total=steps,
+        desc="train",
+        unit="step",
+        disable=None if progress and rank == 0 else True,
+    )
     for step in bar:
         # The data position is the step: clip indices of this step, this rank's share of them.
         image_step = t["image_fraction"] and np.random.default_rng([cfg["seed"], step]).random() < t["image_fraction"]
@@ -239,7 +269,7 @@ def fit(model, cfg: dict, data: ClipDataset, checkpoint_dir: str | Path | None =
         done = step + 1
         if done % t["log_every"] == 0 or done == steps:
             now = time.perf_counter()
-            metrics = {f"train/{k}": float(v) for k, v in terms.items()}
+            metrics = {f"train/{k}": float(v.detach()) if torch.is_tensor(v) else float(v) for k, v in terms.items()}
             metrics["train/lr"] = optimizer.param_groups[0]["lr"]
             metrics["train/step_s"] = (now - last) / t["log_every"]
             last = now

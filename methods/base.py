@@ -44,6 +44,7 @@ class Context:
     train: Callable[[Method], dict] | None = None  # the runner's training loop
     log: Callable[..., None] = _no_log  # log(metrics, step=None) to the run's record
     results_dir: Path | None = None
+    checkpoint_dir: Path | None = None  # where training checkpoints of this run go (resume)
     decisions: list[Decision] = field(default_factory=list)
 
     @cached_property
