@@ -11,6 +11,7 @@ import fcntl
 import json
 import logging
 import math
+import os
 import tempfile
 import time
 from pathlib import Path
@@ -205,12 +206,17 @@ def run_suite(suite: Suite, results_dir: str | Path = "results") -> tuple[list[d
     """
     preflight(suite)
     results_dir = Path(results_dir)
+    rank, world = _distributed()
+    if rank != 0:
+        return follow(suite, results_dir), []
     tracker = Tracker(results_dir, suite.name)
     claims = Claims(results_dir / "claims" / suite.name)
     failed = []
     with tracker.suite(suite.name, len(suite.runs)):
         for spec in tqdm(suite.runs, desc=f"suite {suite.name}", unit="run", disable=None):
             claim = claims.claim(spec.run_key, lambda s=spec: tracker.finished(s.run_key) is not None)
+            if world > 1:
+                _announce(spec.run_key if claim == "claimed" else None)
             if claim != "claimed":
                 log.info("skip %s (run_key %s %s)", spec.name, spec.run_key, claim)
                 continue
@@ -223,9 +229,40 @@ def run_suite(suite: Suite, results_dir: str | Path = "results") -> tuple[list[d
                 failed.append((spec.name, f"{type(e).__name__}: {e}"))
             finally:
                 claims.release(spec.run_key)
+    if world > 1:
+        _announce(_DONE)
     rows = summary_rows(suite, tracker)
     write_summary(rows, results_dir / suite.name / "summary.md")
     return rows, failed
+
+
+_DONE = "suite done"
+
+
+def _distributed() -> tuple[int, int]:
+    if int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        return 0, 1
+    from harness.train import distributed
+
+    return distributed()
+
+
+def _announce(message):
+    """Rank 0 tells the other torchrun ranks which run it claimed (None: skipped); they receive it."""
+    box = [message]
+    torch.distributed.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def follow(suite: Suite, results_dir: Path) -> list[dict]:
+    """A torchrun rank other than 0: prepare (and so train, in step with rank 0) each run that rank 0
+    claimed. Rank 0 alone claims, records, checkpoints and evaluates."""
+    specs = {spec.run_key: spec for spec in suite.runs}
+    while (key := _announce(None)) != _DONE:
+        if key is not None:
+            spec = specs[key]
+            prepare(spec.config, results_dir, {}, results_dir / "checkpoints" / suite.name / key)
+    return []
 
 
 def summary_rows(suite: Suite, tracker: Tracker) -> list[dict]:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import datetime
 import math
 import os
 import random
@@ -56,10 +57,13 @@ def lr_factor(step: int, steps: int, warmup: int, min_ratio: float) -> float:
     return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
 
 
-def _rank() -> tuple[int, int]:
+def distributed() -> tuple[int, int]:
+    """(rank, world size); joins the torchrun process group when WORLD_SIZE > 1."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        # Other ranks wait in a collective while rank 0 evaluates a run alone: allow long waits.
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        dist.init_process_group(backend, timeout=datetime.timedelta(hours=12))
     return (dist.get_rank(), world) if world > 1 else (0, 1)
 
 
@@ -117,8 +121,14 @@ def train(ctx, method) -> dict:
         if ctx.cfg["train"]["objectives"]["distill_mask"] or ctx.cfg["train"]["objectives"]["distill_feat"]
         else None
     )
-    result = fit(ctx.student, ctx.cfg, data, ctx.checkpoint_dir, method=method, teacher=teacher, log=ctx.log)
-    return result["metrics"]
+    history = fit(ctx.student, ctx.cfg, data, ctx.checkpoint_dir, method=method, teacher=teacher, log=ctx.log)[
+        "history"
+    ]
+    # Summary metrics of the run; the per-step curves are already in the record under train/.
+    return {
+        "train_final_loss": history[-1]["train/loss"],
+        "train_step_s": float(np.mean([h["train/step_s"] for h in history])),
+    }
 
 
 def train_data(cfg: dict, dataset_for) -> ClipDataset:
@@ -154,7 +164,7 @@ def fit(
     # --- config
     t = cfg["train"]
     steps, batch = t["steps"], t["batch_size"]
-    rank, world = _rank()
+    rank, world = distributed()
     if batch % world:
         raise ValueError(f"train.batch_size {batch} is not divisible by the {world} data-parallel ranks")
     device = next(model.parameters()).device

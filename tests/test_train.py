@@ -171,3 +171,34 @@ def test_ddp_on_two_processes_matches_one_process(tmp_path):
     a, b = _weights(two / "final-rank0.pt"), _weights(two / "final-rank1.pt")
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert sorted(p.name for p in (two / "ckpt").iterdir()) == ["last.pt"]
+
+
+def test_a_suite_under_torchrun_is_run_and_recorded_once_by_rank_0(tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    suite = tmp_path / "ddp.yaml"
+    suite.write_text(
+        """name: ddp
+base:
+  model: {name: sam2_small, checkpoint: random}
+  data:
+    synthetic: {sequences: 2, frames: 4, size: 96x64, seed: 1}
+    calib: {frames: 3}
+  method: {name: rtn_ft}
+  train: {steps: 2, batch_size: 2, frames: 2, checkpoint_every: 1, log_every: 1,
+          prompts: {point_prob: 0}, data: {kind: stream, size: 96x64}}
+"""
+    )
+    results = tmp_path / "results"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29562"]
+    worker = str(ROOT / "tests" / "suite_ddp_worker.py")
+    subprocess.run([*torchrun, worker, str(suite), str(results)], check=True, cwd=ROOT, env=env)
+    client = MlflowClient(f"sqlite:///{results / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("ddp").experiment_id], "tags.kind = 'run'")
+    assert [r.info.status for r in runs] == ["FINISHED"]
+    history = client.get_metric_history(runs[0].info.run_id, "train/loss")
+    assert [m.step for m in history] == [1, 2]  # logged once per step, by rank 0 alone
+    (ckpt,) = (results / "checkpoints" / "ddp").iterdir()
+    assert ckpt.name == runs[0].data.tags["run_key"]
+    assert torch.load(ckpt / "last.pt", weights_only=False)["step"] == 2
