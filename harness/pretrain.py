@@ -27,6 +27,7 @@ from harness.train import fit, train_data
 
 CONFIG = Path(__file__).parent / "configs" / "pretrain_proxy.yaml"
 VAL_SUITE = "pretrain_val"
+SUBSET = 2  # val sequences that the tests score the shipped weights on
 
 
 def load(overrides: list[str]) -> dict:
@@ -73,15 +74,23 @@ def pretrain(overrides: list[str], out: Path = models.EMBEDDED, results: Path = 
         "history": result["history"],
     }
     (out / f"{name}.json").write_text(json.dumps(card, indent=1, default=str) + "\n")
-    plot_loss(result["history"], out / f"{name}_loss.png")
+    return measure_card(out / f"{name}.json", results)
+
+
+def measure_card(card_path: Path, results: Path = Path("results")) -> dict:
+    """Score the weights a model card describes and write the numbers into it (`--card-only`)."""
+    card = json.loads(card_path.read_text())
+    weights = card_path.parent / card["file"]
+    plot_loss(card["history"], card_path.parent / f"{card['model']}_loss.png")
     card["val"] = validate_embedded(weights, results)
-    (out / f"{name}.json").write_text(json.dumps(card, indent=1, default=str) + "\n")
-    write_card_md(card, out / f"{name}.md")
+    card["val_subset"] = score_subset(weights, results)
+    card_path.write_text(json.dumps(card, indent=1, default=str) + "\n")
+    write_card_md(card, card_path.with_suffix(".md"))
     return card
 
 
 def validate_embedded(weights: Path, results: Path) -> list[dict]:
-    """fp and rtn at W8A8 / W4A8 / W2A8 on the generated val split, with the weights just written."""
+    """fp and rtn at W8A8 / W4A8 / W2A8 on the generated val split, with these weights."""
     from harness.config import load_suite
     from harness.runner import run_suite
 
@@ -89,6 +98,20 @@ def validate_embedded(weights: Path, results: Path) -> list[dict]:
     if failed:
         raise RuntimeError(f"validation suite {VAL_SUITE} had failed runs: {failed}")
     return [{k: r[k] for k in ("method", "bits", "J&F", "J", "F")} for r in rows]
+
+
+def score_subset(weights: Path, results: Path) -> dict:
+    """FP J&F on the first SUBSET val sequences: what tests/test_embedded.py checks the weights against."""
+    from harness.config import load_suite
+    from harness.evaluate import vos
+    from harness.runner import dataset
+
+    cfg = load_suite(VAL_SUITE).runs[0].config
+    ds = dataset(cfg, "eval", results)
+    ds.sequences = ds.sequences[:SUBSET]
+    model = models.build(cfg["model"]["name"], weights, device="cpu")
+    summary = vos.evaluate(model, ds, progress=False)[1]
+    return {"sequences": ds.sequences, "J&F": summary["J&F-mean"]}
 
 
 def plot_loss(history: list[dict], path: Path) -> None:
