@@ -19,7 +19,7 @@ import torch
 import yaml
 
 from harness import models
-from harness.config import RunSpec, parse_override, run_key, set_dotted
+from harness.config import RunSpec, merge, parse_override, run_key, set_dotted
 from harness.errors import ConfigError
 from harness.schema import RunConfig, validate
 from harness.tracking import Tracker, environment
@@ -30,33 +30,52 @@ VAL_SUITE = "pretrain_val"
 SUBSET = 2  # val sequences that the tests score the shipped weights on
 
 
-def load(overrides: list[str]) -> dict:
+def load(overrides: list[str]) -> list[dict]:
+    """The validated run config of each phase: `train` updated by the phase's keys, then overrides."""
     raw = yaml.safe_load(CONFIG.read_text())
-    for key, value in map(parse_override, overrides):
-        set_dotted(raw, key, value, "command-line override")
-    cfg = validate(RunConfig, raw, str(CONFIG)).model_dump()
-    if cfg["train"]["data"]["kind"] != "stream":
-        raise ConfigError(f"{CONFIG}: train.data.kind: pretraining expects 'stream' (fresh generated sequences)")
-    return cfg
+    phases = raw.pop("phases", None) or [{}]
+    configs = []
+    for i, phase in enumerate(phases):
+        cfg = merge(raw, {"train": phase})
+        for key, value in map(parse_override, overrides):
+            # `train.x=v` sets every phase, `phases.N.x=v` one phase's train.x.
+            scope, _, rest = key.partition(".")
+            if scope == "phases":
+                index, _, key = rest.partition(".")
+                if index != str(i):
+                    continue
+                key = f"train.{key}"
+            set_dotted(cfg, key, value, "command-line override")
+        cfg = validate(RunConfig, cfg, f"{CONFIG} (phase {i})").model_dump()
+        if cfg["train"]["data"]["kind"] != "stream":
+            raise ConfigError(f"{CONFIG}: train.data.kind: pretraining expects 'stream' (fresh generated sequences)")
+        configs.append(cfg)
+    return configs
 
 
 def pretrain(overrides: list[str], out: Path = models.EMBEDDED, results: Path = Path("results")) -> dict:
-    cfg = load(overrides)
-    name = cfg["model"]["name"]
-    key = run_key(cfg)
-    torch.manual_seed(cfg["seed"])
-    model = models.build(name, models.RANDOM, cfg["model"]["image_size"], cfg["device"] or "cpu")
-    data = train_data(cfg, None)
+    """Train every phase in order over the same weights; write the weights and the model card."""
+    overrides = [o for o in overrides if not o.startswith("phases.")] + [
+        o for o in overrides if o.startswith("phases.")
+    ]
+    phases = load(overrides)
+    name = phases[0]["model"]["name"]
+    torch.manual_seed(phases[0]["seed"])
+    model = models.build(name, models.RANDOM, phases[0]["model"]["image_size"], phases[0]["device"] or "cpu")
     tracker = Tracker(results, "pretrain_proxy")
-    start = time.perf_counter()
-    with tracker.run(RunSpec("pretrain", cfg, key)):
-        result = fit(
-            model,
-            cfg,
-            data,
-            checkpoint_dir=results / "checkpoints" / "pretrain_proxy" / key,
-            log=lambda metrics, step: mlflow.log_metrics(metrics, step=step),
-        )
+    start, history, offset = time.perf_counter(), [], 0
+    for i, cfg in enumerate(phases):
+        key = run_key(cfg)
+        with tracker.run(RunSpec(f"pretrain phase {i}", cfg, key)):
+            result = fit(
+                model,
+                cfg,
+                train_data(cfg, None),
+                checkpoint_dir=results / "checkpoints" / "pretrain_proxy" / key,
+                log=lambda metrics, step: mlflow.log_metrics(metrics, step=step),
+            )
+        history += [{**h, "step": h["step"] + offset, "phase": i} for h in result["history"]]
+        offset += cfg["train"]["steps"]
     wall = time.perf_counter() - start
 
     out.mkdir(parents=True, exist_ok=True)
@@ -66,12 +85,11 @@ def pretrain(overrides: list[str], out: Path = models.EMBEDDED, results: Path = 
         "file": weights.name,
         "sha256": hashlib.sha256(weights.read_bytes()).hexdigest(),
         "model": name,
-        "config": cfg,
-        "run_key": key,
+        "phases": phases,
         "command": "qbench pretrain-proxy " + " ".join(overrides),
         "train_wall_s": wall,  # this process's time; a resumed run counts only its last part
         "versions": environment(),
-        "history": result["history"],
+        "history": history,
     }
     (out / f"{name}.json").write_text(json.dumps(card, indent=1, default=str) + "\n")
     return measure_card(out / f"{name}.json", results)
@@ -135,21 +153,31 @@ def plot_loss(history: list[dict], path: Path) -> None:
 
 
 def write_card_md(card: dict, path: Path) -> None:
-    t = card["config"]["train"]
+    first = card["phases"][0]
     lines = [
         f"# Model card: {card['model']} (the embedded default)",
         "",
-        f"Weights: `{card['file']}` (float16, sha256 `{card['sha256']}`), trained from random weights by",
+        f"Weights: `{card['file']}` (float16, sha256 `{card['sha256']}`), trained from random weights at "
+        f"{first['model']['image_size'] or 128} px by",
         "",
-        f"    {card['command'].strip()}",
+        f"    OMP_NUM_THREADS=1 {card['command'].strip()}",
         "",
-        f"with harness/configs/pretrain_proxy.yaml (run_key {card['run_key']}): {t['steps']} steps of "
-        f"{t['batch_size']} clips x {t['frames']} frames ({t['image_fraction']:.0%} of steps single images with "
-        f"point / box prompts) at {card['config']['model']['image_size'] or 128} px, AdamW lr {t['lr']}, "
-        f"warmup {t['warmup_steps']}, cosine to {t['min_lr_ratio']} x lr.",
-        f"Training data: fresh generated sequences every step (stream seed {t['data']['seed']}, "
-        f"{t['data']['size']}, {t['data']['objects'][0]}-{t['data']['objects'][1]} objects), never repeated.",
-        f"Wall time: {card['train_wall_s'] / 60:.1f} min on {card['versions']['device']}.",
+        "with harness/configs/pretrain_proxy.yaml, in phases over the same weights (AdamW, warmup then cosine):",
+        "",
+    ]
+    for i, cfg in enumerate(card["phases"]):
+        t, d = cfg["train"], cfg["train"]["data"]
+        lines.append(
+            f"{i + 1}. {t['steps']} steps of {t['batch_size']} clips x {t['frames']} frames "
+            f"({t['image_fraction']:.0%} of steps single images with point / box prompts), lr {t['lr']}, "
+            f"warmup {t['warmup_steps']}, cosine to {t['min_lr_ratio']} x lr; fresh generated sequences every step "
+            f"(stream seed {d['seed']}, {d['size']}, {d['objects'][0]}-{d['objects'][1]} objects), never repeated."
+        )
+    step_s = [h["train/step_s"] for h in card["history"]]
+    lines += [
+        "",
+        f"Wall time: {card['train_wall_s'] / 60:.1f} min on {card['versions']['device']} "
+        f"(mean logged step time {sum(step_s) / len(step_s):.2f} s).",
         "",
         "## Validation (generated val split, seed 0, never seen in training: suites/pretrain_val.yaml)",
         "",

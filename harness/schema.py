@@ -102,7 +102,7 @@ class Prompts(Strict):
     # `box_prob`), otherwise ground-truth masks on conditioning frames; corrective clicks.
     point_prob: float = Field(0.5, ge=0, le=1)
     box_prob: float = Field(0.5, ge=0, le=1)
-    correction_points: int = Field(7, ge=0)
+    correction_points: int = Field(7, ge=1)  # SAM2Train fails on single images with 0
     frames_to_correct: int = Field(2, ge=1)
     init_cond_frames: int = Field(1, ge=1)
 

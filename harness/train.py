@@ -259,8 +259,10 @@ def fit(
             for name, value in (method.loss_terms(model) if method is not None else {}).items():
                 loss, terms[name] = loss + value, value
         terms["loss"] = loss
-        for name, value in terms.items():
-            value = float(value.detach()) if torch.is_tensor(value) else float(value)
+        values = {
+            name: float(value.detach()) if torch.is_tensor(value) else float(value) for name, value in terms.items()
+        }
+        for name, value in values.items():
             if not math.isfinite(value):
                 raise NonFiniteError(f"train step {step}: loss term {name} is {value}")
         optimizer.zero_grad(set_to_none=True)
@@ -273,20 +275,20 @@ def fit(
             method.on_step(model, step)
 
         if world > 1:
-            reduced = torch.tensor([float(terms["loss"])], device=device)
+            reduced = torch.tensor([values["loss"]], device=device)
             dist.all_reduce(reduced)
-            terms["loss"] = reduced / world
+            values["loss"] = float(reduced) / world
         done = step + 1
         if done % t["log_every"] == 0 or done == steps:
             now = time.perf_counter()
-            metrics = {f"train/{k}": float(v.detach()) if torch.is_tensor(v) else float(v) for k, v in terms.items()}
+            metrics = {f"train/{k}": v for k, v in values.items()}
             metrics["train/lr"] = optimizer.param_groups[0]["lr"]
             metrics["train/step_s"] = (now - last) / t["log_every"]
             last = now
             history.append({"step": done, **metrics})
             if rank == 0 and log is not None:
                 log(metrics, done)
-            bar.set_postfix(loss=f"{float(terms['loss']):.3f}", refresh=False)
+            bar.set_postfix(loss=f"{values['loss']:.3f}", refresh=False)
 
         # --- checkpoint
         if ckpt is not None and (done % t["checkpoint_every"] == 0 or done == steps):
