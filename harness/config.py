@@ -24,6 +24,7 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 import methods
+from harness import models
 from harness.errors import ConfigError
 from harness.schema import RunConfig, SuiteFile, validate
 
@@ -138,6 +139,8 @@ def canonical(cfg: dict, where: str) -> dict:
     quant = out["quant"]
     quant["qkv_bits"] = quant["qkv_bits"] or quant["act_bits"]
     quant["softmax_bits"] = quant["softmax_bits"] or quant["act_bits"]
+    card = models.embedded_card(out["model"]["name"]) if out["model"]["checkpoint"] is None else None
+    out["model"]["weights_sha256"] = card["sha256"] if card else None
     # The device changes results (bf16 autocast on CUDA): resolve it so that it is part of run_key.
     out["device"] = out["device"] or ("cuda" if torch.cuda.is_available() else "cpu")
     return out

@@ -79,11 +79,11 @@ def pretrain(overrides: list[str], out: Path = models.EMBEDDED, results: Path = 
     wall = time.perf_counter() - start
 
     out.mkdir(parents=True, exist_ok=True)
-    weights = out / f"{name}.pt"
-    models.save_checkpoint(model, weights, dtype=torch.float16)
+    weights, tmp = out / f"{name}.pt", out / f".{name}.pt.tmp"
+    models.save_checkpoint(model, tmp, dtype=torch.float16)
     card = {
         "file": weights.name,
-        "sha256": hashlib.sha256(weights.read_bytes()).hexdigest(),
+        "sha256": hashlib.sha256(tmp.read_bytes()).hexdigest(),
         "model": name,
         "phases": phases,
         "command": "qbench pretrain-proxy " + " ".join(overrides),
@@ -91,6 +91,7 @@ def pretrain(overrides: list[str], out: Path = models.EMBEDDED, results: Path = 
         "versions": environment(),
         "history": history,
     }
+    tmp.replace(weights)
     (out / f"{name}.json").write_text(json.dumps(card, indent=1, default=str) + "\n")
     return measure_card(out / f"{name}.json", results)
 
@@ -100,6 +101,8 @@ def measure_card(card_path: Path, results: Path = Path("results")) -> dict:
     card = json.loads(card_path.read_text())
     weights = card_path.parent / card["file"]
     plot_loss(card["history"], card_path.parent / f"{card['model']}_loss.png")
+    # Records are keyed by config, not by weights: score each set of weights in its own folder.
+    results = results / "pretrain_val" / card["sha256"][:16]
     card["val"] = validate_embedded(weights, results)
     card["val_subset"] = score_subset(weights, results)
     card_path.write_text(json.dumps(card, indent=1, default=str) + "\n")

@@ -259,9 +259,13 @@ def follow(suite: Suite, results_dir: Path) -> list[dict]:
     claimed. Rank 0 alone claims, records, checkpoints and evaluates."""
     specs = {spec.run_key: spec for spec in suite.runs}
     while (key := _announce(None)) != _DONE:
-        if key is not None:
-            spec = specs[key]
-            prepare(spec.config, results_dir, {}, results_dir / "checkpoints" / suite.name / key)
+        cfg = specs[key].config if key is not None else None
+        if cfg is None or not (methods.from_config(cfg["method"]).trains and cfg["train"]["steps"] > 0):
+            continue  # nothing to train: rank 0 does the rest alone
+        try:
+            prepare(cfg, results_dir, {}, results_dir / "checkpoints" / suite.name / key)
+        except Exception as e:  # noqa: BLE001 - rank 0 records the failure; follow the next run
+            log.error("rank %d: run %s failed: %s: %s", torch.distributed.get_rank(), key, type(e).__name__, e)
     return []
 
 

@@ -31,6 +31,9 @@ class ModelCfg(Strict):
     name: str = "sam2_small"
     checkpoint: str | None = None
     image_size: int | None = Field(None, ge=32, le=4096, multiple_of=32)  # Hiera's windows need it
+    # Filled in by the harness when `checkpoint` is null and the model ships weights: their
+    # sha256, so that new shipped weights make new run_keys instead of reusing old records.
+    weights_sha256: str | None = None
 
 
 class DataPart(Strict):
@@ -109,7 +112,7 @@ class Prompts(Strict):
 
 class Objectives(Strict):
     supervised: float = Field(1.0, ge=0)  # SAM2's multi-step mask loss on ground-truth masks
-    distill_mask: float = Field(0.0, ge=0)  # MSE to the FP teacher's mask logits
+    distill_mask: float = Field(0.0, ge=0)  # binary cross-entropy to the FP teacher's mask probabilities
     distill_feat: float = Field(0.0, ge=0)  # MSE to the FP teacher's image-encoder features
 
 
@@ -125,7 +128,7 @@ class TrainCfg(Strict):
     warmup_steps: int = Field(0, ge=0)
     min_lr_ratio: float = Field(0.0, ge=0, le=1)  # cosine decays to lr * min_lr_ratio
     grad_clip: float = Field(1.0, ge=0)  # 0: off
-    amp: Literal["auto", "none", "bf16", "fp16"] = "auto"  # auto: bf16 on CUDA, fp32 on CPU
+    amp: Literal["auto", "none", "bf16"] = "auto"  # auto: bf16 on CUDA, fp32 on CPU
     flip: bool = True
     scale_jitter: float = Field(0.0, ge=0, lt=1)  # zoom in by up to this fraction
     objectives: Objectives = Objectives()

@@ -50,7 +50,7 @@ def sam2_loss():
 
 
 def lr_factor(step: int, steps: int, warmup: int, min_ratio: float) -> float:
-    """Linear warmup, then cosine from 1 down to `min_ratio` at the last step."""
+    """Linear warmup, then cosine from 1 down to `min_ratio` (reached after the last step)."""
     if step < warmup:
         return (step + 1) / warmup
     progress = (step - warmup) / max(steps - warmup, 1)
@@ -62,6 +62,8 @@ def distributed() -> tuple[int, int]:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1 and not dist.is_initialized():
         # Other ranks wait in a collective while rank 0 evaluates a run alone: allow long waits.
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))  # one GPU per rank
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         dist.init_process_group(backend, timeout=datetime.timedelta(hours=12))
     return (dist.get_rank(), world) if world > 1 else (0, 1)
@@ -73,6 +75,7 @@ def _rng_state(view) -> dict:
         "numpy": np.random.get_state(),
         "python": random.getstate(),
         "sam2train": view.rng.bit_generator.state,  # SAM2Train's own prompt sampler
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
     }
 
 
@@ -81,6 +84,16 @@ def _set_rng_state(view, state: dict) -> None:
     np.random.set_state(state["numpy"])
     random.setstate(state["python"])
     view.rng.bit_generator.state = state["sam2train"]
+    if state.get("cuda"):
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+@contextlib.contextmanager
+def _keep_numpy_python_rng():
+    state = np.random.get_state(), random.getstate()
+    yield
+    np.random.set_state(state[0])
+    random.setstate(state[1])
 
 
 def _autocast(amp: str, device: torch.device):
@@ -155,7 +168,9 @@ def fit(
     log=None,
     progress: bool = True,
 ) -> dict:
-    """Train `model` in place as `cfg["train"]` says; returns the last logged metrics.
+    """Train `model` in place as `cfg["train"]` says.
+
+    Returns {"metrics": the last logged, "history": all logged, "resumed_from": the first step run}.
 
     `data`: clips; `checkpoint_dir`: where `last.pt` is written every `checkpoint_every` steps
     and resumed from; `method`: param_groups(), loss_terms(), on_step() (None: every parameter
@@ -197,7 +212,6 @@ def fit(
         quant = g["name"] == "quant"
         g.setdefault("lr", t["quant_lr"] if quant else t["lr"])
         g.setdefault("weight_decay", t["quant_weight_decay"] if quant else t["weight_decay"])
-        g["base_lr"] = g["lr"]
     groups = [g for g in groups if g["params"]]
     optimizer = torch.optim.AdamW(groups)
     schedule = torch.optim.lr_scheduler.LambdaLR(
@@ -216,7 +230,7 @@ def fit(
         start, history = state["step"], state["history"]
 
     # --- loop
-    metrics, last = {}, time.perf_counter()
+    metrics, last, last_step = {}, time.perf_counter(), start
     bar = tqdm(
         range(start, steps),
         initial=start,
@@ -231,12 +245,9 @@ def fit(
         source = image_data if image_step else data
         share = batch // world
         clips = [source[step * batch + rank * share + i] for i in range(share)]
-        inputs = collate(clips)
-        if inputs is None:
-            continue
-        inputs = inputs.to(device)
+        inputs = collate(clips).to(device)
         if teacher_view is not None:
-            teacher_rng = (copy.deepcopy(view.rng), torch.get_rng_state())
+            before = _rng_state(view)
         feats, hook = _encoder_features(view)
         with _autocast(t["amp"], device):
             outputs = net(inputs)
@@ -245,10 +256,11 @@ def fit(
             terms = {k: losses[k] for k in LOSS_WEIGHTS}
             loss = objectives["supervised"] * losses["core_loss"]
             if teacher_view is not None:
-                # The teacher sees the same prompts: the same prompt-sampler and torch RNG state.
-                teacher_view.rng = teacher_rng[0]
-                with torch.no_grad(), torch.random.fork_rng(devices=[]):
-                    torch.set_rng_state(teacher_rng[1])
+                # The teacher starts from the student's RNG states, so the prompts of the first
+                # frame are the same; corrective clicks come from each model's own errors.
+                gpus = [device] if device.type == "cuda" else []
+                with torch.no_grad(), torch.random.fork_rng(devices=gpus), _keep_numpy_python_rng():
+                    _set_rng_state(teacher_view, before)
                     t_feats, t_hook = _encoder_features(teacher_view)
                     t_outputs = teacher_view(inputs)
                     t_hook.remove()
@@ -262,13 +274,19 @@ def fit(
         values = {
             name: float(value.detach()) if torch.is_tensor(value) else float(value) for name, value in terms.items()
         }
-        for name, value in values.items():
-            if not math.isfinite(value):
-                raise NonFiniteError(f"train step {step}: loss term {name} is {value}")
+        bad = [(name, value) for name, value in values.items() if not math.isfinite(value)]
+        if world > 1:  # every rank stops, not only the one that saw it
+            flag = torch.tensor([float(bool(bad))], device=device)
+            dist.all_reduce(flag)
+            if flag.item() and not bad:
+                raise NonFiniteError(f"train step {step}: a non-finite loss on another rank")
+        if bad:
+            raise NonFiniteError(f"train step {step}: loss term {bad[0][0]} is {bad[0][1]}")
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if t["grad_clip"]:
             torch.nn.utils.clip_grad_norm_([p for g in groups for p in g["params"]], t["grad_clip"])
+        lr = optimizer.param_groups[0]["lr"]  # this step's rate (the scheduler moves on below)
         optimizer.step()
         schedule.step()
         if method is not None:
@@ -282,9 +300,9 @@ def fit(
         if done % t["log_every"] == 0 or done == steps:
             now = time.perf_counter()
             metrics = {f"train/{k}": v for k, v in values.items()}
-            metrics["train/lr"] = optimizer.param_groups[0]["lr"]
-            metrics["train/step_s"] = (now - last) / t["log_every"]
-            last = now
+            metrics["train/lr"] = lr
+            metrics["train/step_s"] = (now - last) / (done - last_step)
+            last, last_step = now, done
             history.append({"step": done, **metrics})
             if rank == 0 and log is not None:
                 log(metrics, done)
@@ -311,4 +329,4 @@ def fit(
                 tmp.replace(ckpt)  # a kill mid-write leaves the previous checkpoint intact
     bar.close()
     model.eval()
-    return {"metrics": metrics, "history": history}
+    return {"metrics": metrics, "history": history, "resumed_from": start}

@@ -36,6 +36,8 @@ def small_model():
     for m in model.modules():
         if isinstance(m, torch.nn.Dropout):
             m.p = 0.0
+        if hasattr(m, "dropout_p"):  # RoPEAttention's attention dropout
+            m.dropout_p = 0.0
     return model
 
 
@@ -55,7 +57,7 @@ def test_clips_have_all_objects_of_the_first_frame_at_the_model_size(davis_root)
 def test_lr_schedule_warms_up_then_decays_to_the_floor():
     assert lr_factor(0, 100, 10, 0.1) == pytest.approx(0.1)
     assert lr_factor(9, 100, 10, 0.1) == pytest.approx(1.0)
-    assert lr_factor(100, 100, 10, 0.1) == pytest.approx(0.1)
+    assert lr_factor(99, 100, 10, 0.1) == pytest.approx(0.1, abs=1e-3)
     assert lr_factor(55, 100, 10, 0.1) == pytest.approx(0.55)  # halfway down the cosine
 
 
@@ -134,8 +136,7 @@ def test_resume_after_sigkill_reaches_the_same_weights(tmp_path):
     assert 4 <= resumed_from < steps, "the kill came too late to test a resume"
 
     subprocess.run([*WORKER, str(killed), str(steps)], check=True, cwd=ROOT)
-    history = json.loads((killed / "history-rank0.json").read_text())
-    assert history[resumed_from]["step"] == resumed_from + 1  # it went on from the checkpoint
+    assert int((killed / "resumed-from-rank0.txt").read_text()) == resumed_from  # it went on from there
     a, b = _weights(straight / "final-rank0.pt"), _weights(killed / "final-rank0.pt")
     assert a.keys() == b.keys()
     different = [k for k in a if not torch.equal(a[k], b[k])]
@@ -162,11 +163,8 @@ def test_ddp_on_two_processes_matches_one_process(tmp_path):
     assert adam_one.keys() == adam_two.keys()
     a = torch.cat([adam_one[i]["exp_avg"].flatten() for i in adam_one])
     b = torch.cat([adam_two[i]["exp_avg"].flatten() for i in adam_one])
-    # The batched and the split forward round differently, and at random init SAM2's loss picks the
-    # best of three near-identical multimask outputs (argmin), so a rounding can move a little of the
-    # gradient to another output token: 2% of the norm was seen. A rank that did not average (or
-    # averaged the wrong batch) would be off by a large fraction of it.
-    assert (a - b).norm() <= 0.05 * a.norm()
+    # The batched and the split forward round differently: agreement to 0.1% of the gradient's norm.
+    assert (a - b).norm() <= 1e-3 * a.norm()
     # Rank 0 alone writes checkpoints; both ranks end with the same weights.
     a, b = _weights(two / "final-rank0.pt"), _weights(two / "final-rank1.pt")
     assert all(torch.equal(a[k], b[k]) for k in a)

@@ -42,7 +42,10 @@ if __name__ == "__main__":
     for m in model.modules():
         if isinstance(m, torch.nn.Dropout):
             m.p = 0.0
+        if hasattr(m, "dropout_p"):  # RoPEAttention's attention dropout
+            m.dropout_p = 0.0
     result = fit(model, cfg, train_data(cfg, None), checkpoint_dir=out / "ckpt", progress=False)
     rank = int(os.environ.get("RANK", "0"))
     torch.save(model.state_dict(), out / f"final-rank{rank}.pt")
     (out / f"history-rank{rank}.json").write_text(json.dumps(result["history"]))
+    (out / f"resumed-from-rank{rank}.txt").write_text(str(result["resumed_from"]))

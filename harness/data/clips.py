@@ -70,15 +70,23 @@ class ClipDataset(Dataset):
     def __getitem__(self, index: int) -> VideoDatapoint:
         rng = np.random.default_rng([self.seed, index])
         images, labels = self._frames(rng, index)
+        # A crop (or the resize) can lose every object of frame 0; draw another crop, and at last
+        # take the whole frame, so that a step never lacks data (DDP ranks must stay in step).
+        for attempt in range(10):
+            clip = self._clip(images, labels, rng, index, self.scale_jitter if attempt < 9 else 0.0)
+            if clip.frames[0].objects:
+                return clip
+        raise DatasetError(f"clip {index}: no object of its first frame survives resizing to {self.image_size} px")
+
+    def _clip(self, images, labels, rng: np.random.Generator, index: int, jitter: float) -> VideoDatapoint:
         height, width = labels[0].shape
-        # Scale jitter: one crop for the whole clip, zooming in by up to `scale_jitter`.
-        zoom = 1 - rng.uniform(0, self.scale_jitter) if self.scale_jitter else 1.0
+        # Scale jitter: one crop for the whole clip, zooming in by up to `jitter`.
+        zoom = 1 - rng.uniform(0, jitter) if jitter else 1.0
         ch, cw = max(round(height * zoom), 1), max(round(width * zoom), 1)
         y0, x0 = int(rng.integers(height - ch + 1)), int(rng.integers(width - cw + 1))
         flip = self.flip and rng.random() < 0.5
-        ids = [int(i) for i in np.unique(labels[0][y0 : y0 + ch, x0 : x0 + cw]) if i not in (0, 255)]
         size = (self.image_size, self.image_size)
-        out = []
+        frames, ids = [], None
         for image, label in zip(images, labels, strict=True):
             image, label = image[y0 : y0 + ch, x0 : x0 + cw], label[y0 : y0 + ch, x0 : x0 + cw]
             if flip:
@@ -87,9 +95,10 @@ class ClipDataset(Dataset):
             pixels = np.asarray(Image.fromarray(np.ascontiguousarray(image)).resize(size), dtype=np.float32)
             tensor = (torch.from_numpy(pixels).permute(2, 0, 1) / 255.0 - MEAN) / STD
             small = np.asarray(Image.fromarray(np.ascontiguousarray(label)).resize(size, Image.NEAREST))
-            objects = [Object(i, len(out), torch.from_numpy(small == i)) for i in ids]
-            out.append(Frame(tensor, objects))
-        return VideoDatapoint(out, video_id=index, size=(height, width))
+            if ids is None:  # the objects of the clip: those visible in its first frame, as prompted
+                ids = [int(i) for i in np.unique(small) if i not in (0, 255)]
+            frames.append(Frame(tensor, [Object(i, len(frames), torch.from_numpy(small == i)) for i in ids]))
+        return VideoDatapoint(frames, video_id=index, size=(height, width))
 
 
 def _jpeg(image: np.ndarray) -> np.ndarray:
@@ -102,8 +111,5 @@ def _jpeg(image: np.ndarray) -> np.ndarray:
 
 
 def collate(clips: list[VideoDatapoint]):
-    """BatchedVideoDatapoint of clips with at least one object (empty clips are dropped)."""
-    clips = [c for c in clips if c.frames[0].objects]
-    if not clips:
-        return None
+    """The BatchedVideoDatapoint of SAM2's training model: every frame lists its clip's objects."""
     return collate_fn(clips, dict_key="clips")
