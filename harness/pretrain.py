@@ -63,6 +63,7 @@ def pretrain(overrides: list[str], out: Path = models.EMBEDDED, results: Path = 
     torch.manual_seed(phases[0]["seed"])
     model = models.build(name, models.RANDOM, phases[0]["model"]["image_size"], phases[0]["device"] or "cpu")
     tracker = Tracker(results, "pretrain_proxy")
+    versions = environment()  # now: the commit whose code trains, not the one at the end
     start, history, offset = time.perf_counter(), [], 0
     for i, cfg in enumerate(phases):
         key = run_key(cfg)
@@ -88,7 +89,7 @@ def pretrain(overrides: list[str], out: Path = models.EMBEDDED, results: Path = 
         "phases": phases,
         "command": "qbench pretrain-proxy " + " ".join(overrides),
         "train_wall_s": wall,  # this process's time; a resumed run counts only its last part
-        "versions": environment(),
+        "versions": versions,
         "history": history,
     }
     tmp.replace(weights)
