@@ -194,10 +194,12 @@ def preflight(suite: Suite) -> None:
         ckpt = cfg["model"]["checkpoint"]
         if ckpt and ckpt != models.RANDOM and not Path(ckpt).is_file():
             raise ConfigError(f"{suite.path}: run {spec.name}: model.checkpoint: {ckpt} does not exist")
-        for part in ("eval", "calib"):
-            d = cfg["data"][part]
+        parts = {f"data.{p}": cfg["data"][p] for p in ("eval", "calib")}
+        if methods.from_config(cfg["method"]).trains and cfg["train"]["steps"]:
+            parts["train.data"] = cfg["train"]["data"]
+        for key, d in parts.items():
             if d["kind"] == "davis" and not (d["root"] and Path(d["root"]).is_dir()):
-                raise ConfigError(f"{suite.path}: run {spec.name}: data.{part}.root: {d['root']} is not a folder")
+                raise ConfigError(f"{suite.path}: run {spec.name}: {key}.root: {d['root']} is not a folder")
 
 
 def run_suite(suite: Suite, results_dir: str | Path = "results") -> tuple[list[dict], list[tuple[str, str]]]:

@@ -200,3 +200,19 @@ base:
     (ckpt,) = (results / "checkpoints" / "ddp").iterdir()
     assert ckpt.name == runs[0].data.tags["run_key"]
     assert torch.load(ckpt / "last.pt", weights_only=False)["step"] == 2
+
+
+def test_a_missing_train_data_root_is_named_before_any_work(tmp_path):
+    import suite_ddp_worker  # noqa: F401  (registers the training stand-in rtn_ft)
+
+    from harness.config import load_suite
+    from harness.errors import ConfigError
+    from harness.runner import run_suite
+
+    suite = tmp_path / "qat.yaml"
+    suite.write_text(
+        "base:\n  method: {name: rtn_ft}\n  train: {steps: 5, data: {kind: davis, root: /no/such/davis}}\n"
+    )
+    with pytest.raises(ConfigError, match=r"qat\.yaml: run base: train\.data\.root: /no/such/davis is not a folder"):
+        run_suite(load_suite(str(suite)), tmp_path / "results")
+    assert not (tmp_path / "results").exists()  # nothing recorded
