@@ -146,10 +146,14 @@ def plot_loss(history: list[dict], path: Path) -> None:
     steps = [h["step"] for h in history]
     ax.plot(steps, [h["train/loss"] for h in history], label="total (20 focal + dice + IoU + class)")
     ax.plot(steps, [h["train/loss_dice"] for h in history], label="dice")
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss (mean of the last logged step)")
+    for before, after in zip(history, history[1:]):
+        if before.get("phase") != after.get("phase"):
+            ax.axvline(before["step"], color="grey", linestyle="--", linewidth=1)
+            ax.text(before["step"], ax.get_ylim()[1], f" phase {after['phase'] + 1}", va="top", fontsize=8)
+    ax.set_xlabel("step (all phases)")
+    ax.set_ylabel("loss of the logged step")
     ax.set_yscale("log")
-    ax.legend()
+    ax.legend(loc="lower left", fontsize=8)
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
