@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from train_worker import without_dropout
 
 from harness import models
 from harness.config import parse_override, set_dotted
@@ -32,13 +33,7 @@ def config(*overrides):
 
 def small_model():
     torch.manual_seed(0)
-    model = models.build("sam2_small", models.RANDOM, device="cpu")
-    for m in model.modules():
-        if isinstance(m, torch.nn.Dropout):
-            m.p = 0.0
-        if hasattr(m, "dropout_p"):  # RoPEAttention's attention dropout
-            m.dropout_p = 0.0
-    return model
+    return without_dropout(models.build("sam2_small", models.RANDOM, device="cpu"))
 
 
 def test_clips_have_all_objects_of_the_first_frame_at_the_model_size(davis_root):

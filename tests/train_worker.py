@@ -19,6 +19,17 @@ from harness.config import parse_override, set_dotted
 from harness.schema import RunConfig
 from harness.train import fit, train_data
 
+
+def without_dropout(model):
+    """Dropout off (layers and RoPEAttention's attention dropout), so that runs and ranks compare."""
+    for m in model.modules():
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.0
+        if hasattr(m, "dropout_p"):
+            m.dropout_p = 0.0
+    return model
+
+
 if __name__ == "__main__":
     torch.set_num_threads(1)
     out, steps = Path(sys.argv[1]), int(sys.argv[2])
@@ -39,11 +50,7 @@ if __name__ == "__main__":
     cfg = RunConfig.model_validate(raw).model_dump()
     torch.manual_seed(0)
     model = models.build("sam2_small", models.RANDOM, device="cpu")
-    for m in model.modules():
-        if isinstance(m, torch.nn.Dropout):
-            m.p = 0.0
-        if hasattr(m, "dropout_p"):  # RoPEAttention's attention dropout
-            m.dropout_p = 0.0
+    without_dropout(model)
     result = fit(model, cfg, train_data(cfg, None), checkpoint_dir=out / "ckpt", progress=False)
     rank = int(os.environ.get("RANK", "0"))
     torch.save(model.state_dict(), out / f"final-rank{rank}.pt")
