@@ -118,6 +118,10 @@ def _distill(student_out, teacher_out, student_feats, teacher_feats, weights) ->
     return terms
 
 
+def distills(objectives: dict) -> bool:
+    return bool(objectives["distill_mask"] or objectives["distill_feat"])
+
+
 def _encoder_features(view) -> tuple[list, object]:
     feats = []
     hook = view.image_encoder.register_forward_hook(lambda m, i, out: feats.extend(out["backbone_fpn"]))
@@ -129,11 +133,7 @@ def train(ctx, method) -> dict:
     from harness.runner import dataset  # the runner owns dataset generation and its lock
 
     data = train_data(ctx.cfg, lambda d: dataset(ctx.cfg, d, ctx.results_dir))
-    teacher = (
-        ctx.teacher
-        if ctx.cfg["train"]["objectives"]["distill_mask"] or ctx.cfg["train"]["objectives"]["distill_feat"]
-        else None
-    )
+    teacher = ctx.teacher if distills(ctx.cfg["train"]["objectives"]) else None
     history = fit(ctx.student, ctx.cfg, data, ctx.checkpoint_dir, method=method, teacher=teacher, log=ctx.log)[
         "history"
     ]
@@ -194,9 +194,8 @@ def fit(
     if world > 1:
         net = torch.nn.parallel.DistributedDataParallel(view, find_unused_parameters=True)
     objectives = t["objectives"]
-    distilling = objectives["distill_mask"] or objectives["distill_feat"]
     teacher_view = None
-    if distilling:
+    if distills(objectives):
         if teacher is None:
             raise ValueError("train.objectives: distillation needs the FP teacher")
         teacher_view = models.training_view(teacher, cfg["model"]["name"], cfg["model"]["image_size"], t["prompts"])
