@@ -3,20 +3,22 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 import warnings
 from pathlib import Path
 
-from harness.errors import QBenchError
+from harness.errors import ConfigError, QBenchError
 
 
 def _suite(args) -> int:
     from harness.config import load_suite
-    from harness.runner import run_suite, status
+    from harness.runner import preflight, run_suite, status
 
     suite = load_suite(args.suite, args.overrides)
     if args.dry_run:
+        preflight(suite, args.results)  # the errors a run would give, before listing it as pending
         print(f"suite {suite.name} ({suite.path}): {len(suite.runs)} runs")
         for spec, state in status(suite, args.results):
             print(f"  {spec.run_key}  {state:<8}  {spec.name}")
@@ -31,8 +33,11 @@ def _suite(args) -> int:
 def _make_data(args) -> int:
     from harness.data import synthetic
 
-    size = synthetic.parse_size(args.size)
-    out = synthetic.generate(args.out, args.sequences, args.frames, size, args.seed, progress=True)
+    try:
+        size = synthetic.parse_size(args.size)
+        out = synthetic.generate(args.out, args.sequences, args.frames, size, args.seed, progress=True)
+    except (ValueError, FileExistsError) as e:  # bad arguments: one line, not a traceback
+        raise ConfigError(f"make-data: {e}") from None
     print(f"wrote {args.sequences} sequences x {args.frames} frames ({args.size}) to {out}")
     return 0
 
@@ -40,12 +45,20 @@ def _make_data(args) -> int:
 def _eval_vos(args) -> int:
     from harness.evaluate.scoring import score_results_folder
 
-    per_object, summary = score_results_folder(args.davis_root, args.results, args.split, args.resolution)
-    for key in ("J&F-mean", "J-mean", "F-mean"):
-        print(f"{key}: {summary[key]:.4f}")
+    report = {}
+    per_object, summary = score_results_folder(
+        args.davis_root, args.results, args.split, args.resolution, allow_missing=args.allow_missing, report=report
+    )
+    if report["filled"]:
+        print(f"warning: {report['filled']} missing prediction frames scored as empty", file=sys.stderr)
     if args.out:
         per_object.to_csv(args.out, index=False)
-        print(f"per-object scores: {args.out}")
+        print(f"per-object scores: {args.out}", file=sys.stderr if args.json else sys.stdout)
+    if args.json:  # full precision (repr of the floats), to check agreement with another scorer
+        print(json.dumps({**summary, "filled_frames": report["filled"], "late_objects": report["late"]}))
+    else:
+        for key in ("J&F-mean", "J-mean", "F-mean"):
+            print(f"{key}: {summary[key]:.4f}")
     return 0
 
 
@@ -160,6 +173,8 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--split", default="val")
     s.add_argument("--resolution", default="480p")
     s.add_argument("--out", help="per-object CSV to write")
+    s.add_argument("--allow-missing", action="store_true", help="score missing prediction frames as empty")
+    s.add_argument("--json", action="store_true", help="the summary as JSON, at full precision")
     s.set_defaults(fn=_eval_vos)
 
     s = sub.add_parser("export", help="quantize + calibrate one run of a suite and write its packed model")

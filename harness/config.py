@@ -157,8 +157,9 @@ def _read(path: Path) -> SuiteFile:
         raise ConfigError(f"{path}: {getattr(e, 'full_key', None) or 'interpolation'}: {msg}") from None
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML: {str(e).splitlines()[0]}") from e
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: expected a mapping of suite keys ({', '.join(SuiteFile.model_fields)})")
+    if not isinstance(raw, dict) or not raw:  # an empty file would silently run the defaults
+        empty = "empty; " if not raw else ""
+        raise ConfigError(f"{path}: {empty}expected a mapping of suite keys ({', '.join(SuiteFile.model_fields)})")
     return validate(SuiteFile, raw, str(path))
 
 

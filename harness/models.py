@@ -156,7 +156,13 @@ def load_torch_file(path: str | Path, what: str = "checkpoint"):
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - any unpickling failure is the same user error
-        raise CheckpointError(f"{what} {path} could not be read as a torch file: {type(e).__name__}: {e}") from e
+        # torch's message runs to a dozen lines of advice about weights_only=False, which is wrong
+        # advice for a damaged file: keep its first line.
+        first = (str(e).strip().splitlines() or [""])[0]
+        why = type(e).__name__ + ("" if "weights_only" in first or not first else f": {first[:200]}")
+        raise CheckpointError(
+            f"{what} {path} is not a readable torch file ({why}); expected a file written by torch.save"
+        ) from e
 
 
 def read_state_dict(checkpoint: str | Path) -> dict[str, torch.Tensor]:
@@ -172,7 +178,22 @@ def read_state_dict(checkpoint: str | Path) -> dict[str, torch.Tensor]:
 def load_checkpoint(model: torch.nn.Module, checkpoint: str | Path, config: str = "?") -> None:
     """Load strictly; every mismatch is reported in one error naming checkpoint and config."""
     sd = read_state_dict(checkpoint)
-    own = model.state_dict()
+    check_state_dict(sd, model.state_dict(), checkpoint, config)
+    model.load_state_dict(sd)
+
+
+def check(name: str, checkpoint: str | Path | None, image_size: int | None = None) -> None:
+    """What `build` would reject, without building: unknown name, unreadable or mismatching checkpoint."""
+    config = config_path(name)
+    path = resolve_checkpoint(name, checkpoint)
+    if path is None:
+        return
+    verify_embedded(path)
+    own = build(name, RANDOM, image_size, device="cpu").state_dict()  # sam2 cannot be built on "meta"
+    check_state_dict(read_state_dict(path), own, path, str(config))
+
+
+def check_state_dict(sd: dict, own: dict, checkpoint, config: str) -> None:
     missing = sorted(set(own) - set(sd))
     unexpected = sorted(set(sd) - set(own))
     shapes = [
@@ -185,7 +206,6 @@ def load_checkpoint(model: torch.nn.Module, checkpoint: str | Path, config: str 
             problems.append(f"{len(items)} {label}: {', '.join(items[:5])}{more}")
     if problems:
         raise CheckpointError(f"checkpoint {checkpoint} does not match config {config}: " + "; ".join(problems))
-    model.load_state_dict(sd)
 
 
 def save_checkpoint(model: torch.nn.Module, path: str | Path, dtype: torch.dtype | None = None) -> None:

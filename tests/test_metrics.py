@@ -306,7 +306,9 @@ def test_results_shifted_mask_void_and_unknown_ids_in_mode_l(davis, tmp_path):
 def test_results_missing_frame_is_empty(davis, tmp_path):
     res = write_results(tmp_path / "res")
     (res / "seqa" / "00003.png").unlink()
-    df, _ = score_results_folder(davis, res, sequences=["seqa"])
+    with pytest.raises(DatasetError, match=r"sequence 'seqa': 1 of 5 prediction frames missing .*first 00003\.png"):
+        score_results_folder(davis, res, sequences=["seqa"])
+    df, _ = score_results_folder(davis, res, sequences=["seqa"], allow_missing=True)
     # Both seqa objects: J = F = [1, 1, 0] over frames 1-3 -> means 2/3; decay: n = 3, edges
     # round(0, .5, 1, 1.5, 2) = 0, 1, 1, 2, 2 -> first bin v[0..1] = 1, last bin v[2] = 0 -> 1.
     assert df["J-mean"].tolist() == pytest.approx([2 / 3, 2 / 3])

@@ -104,6 +104,27 @@ class DavisDataset:
                 if not folder.is_dir():
                     raise DatasetError(f"sequence folder {folder} does not exist (listed in {split_file})")
 
+    def check(self) -> None:
+        """Fail on a frame without its annotation or an annotation without its frame, and on an
+        annotation that does not decode, before any run: otherwise a sequence is scored on fewer frames.
+
+        An annotations folder holding only the first frame (DAVIS test-dev) needs only that one.
+        """
+        for seq in self.sequences:
+            jpgs = {p.stem for p in self.image_dir(seq).glob("*.jpg")}
+            pngs = {p.stem for p in self.annotation_dir(seq).glob("*.png")}
+            if no_jpg := sorted(pngs - jpgs):
+                raise DatasetError(
+                    f"sequence {seq!r}: frame {self.image_dir(seq) / no_jpg[0]}.jpg does not exist but its "
+                    f"annotation does ({len(no_jpg)} such frames: {', '.join(no_jpg[:5])})"
+                )
+            if len(pngs) > 1 and (no_png := sorted(jpgs - pngs)):
+                raise DatasetError(
+                    f"sequence {seq!r}: annotation {self.annotation_dir(seq) / no_png[0]}.png does not exist but "
+                    f"its frame does ({len(no_png)} such frames: {', '.join(no_png[:5])})"
+                )
+            self.annotations(seq)  # every annotation decodes, at one size
+
     def __len__(self) -> int:
         return len(self.sequences)
 

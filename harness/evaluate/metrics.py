@@ -8,6 +8,7 @@ over objects (every object weighs the same, however many frames it has).
 
 from __future__ import annotations
 
+import logging
 import math
 
 import numpy as np
@@ -106,6 +107,18 @@ def score_sequence(
             out[o]["J"][k] = jaccard(g, p, void)
             out[o]["F"][k] = f_measure(g, p, void)
     return out
+
+
+def late_objects(gt: np.ndarray) -> list[int]:
+    """Ids that appear after the first ground-truth frame but not in it: DAVIS does not score them."""
+    first = set(np.unique(gt[0]).tolist()) | {0, VOID_ID}
+    return [int(i) for i in np.unique(gt[1:]) if int(i) not in first]
+
+
+def warn_late(seq: str, ids: list[int]) -> None:
+    logging.getLogger("qbench").warning(
+        "sequence %s: object ids %s appear after the first frame; not scored (DAVIS protocol)", seq, ids
+    )
 
 
 def object_stats(values: np.ndarray) -> dict:

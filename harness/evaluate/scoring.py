@@ -13,11 +13,11 @@ import pandas as pd
 
 from harness.data.davis import DavisDataset, read_palette_png
 from harness.errors import DatasetError
-from harness.evaluate.metrics import per_object_frame, score_sequence, summarize
+from harness.evaluate.metrics import late_objects, per_object_frame, score_sequence, summarize, warn_late
 
 
 def _read_prediction(path: Path, shape: tuple[int, int]) -> np.ndarray:
-    # A frame the run did not write is an empty prediction, as a missing object id would be.
+    # A frame the run did not write (allowed with allow_missing) is an empty prediction.
     if not path.exists():
         return np.zeros(shape, dtype=np.uint8)
     ids = read_palette_png(path)
@@ -29,18 +29,43 @@ def _read_prediction(path: Path, shape: tuple[int, int]) -> np.ndarray:
 
 
 def score_results_folder(
-    davis_root, results_dir, split: str = "val", resolution: str = "480p", sequences=None
+    davis_root,
+    results_dir,
+    split: str = "val",
+    resolution: str = "480p",
+    sequences=None,
+    allow_missing: bool = False,
+    report: dict | None = None,
 ) -> tuple[pd.DataFrame, dict]:
-    """Per-object J/F statistics and the dataset summary (J&F-mean, ...) of a results folder."""
+    """Per-object J/F statistics and the dataset summary (J&F-mean, ...) of a results folder.
+
+    A missing prediction frame is an error naming it; with `allow_missing` it is scored as empty.
+    `report` (a dict) receives "filled" (the number of frames scored as empty) and "late"
+    ({sequence: ids} of objects that appear after the first frame, which are not scored).
+    """
     dataset = DavisDataset(davis_root, split=split, resolution=resolution, sequences=sequences)
+    dataset.check()
     results_dir = Path(results_dir)
-    scores = {}
+    scores, filled, late = {}, 0, {}
     for seq in dataset.sequences:
         seq_dir = results_dir / seq
-        if not seq_dir.is_dir():
+        if not seq_dir.is_dir() and not allow_missing:
             raise DatasetError(f"predictions folder {seq_dir} for sequence {seq!r} does not exist")
+        names = dataset.frame_names(seq)
+        missing = [n for n in names if not (seq_dir / f"{n}.png").is_file()]
+        if missing and not allow_missing:
+            raise DatasetError(
+                f"sequence {seq!r}: {len(missing)} of {len(names)} prediction frames missing in {seq_dir}, first "
+                f"{', '.join(m + '.png' for m in missing[:5])}; --allow-missing scores them as empty"
+            )
+        filled += len(missing)
         gt = dataset.annotations(seq)
-        pred = np.stack([_read_prediction(seq_dir / f"{name}.png", gt.shape[1:]) for name in dataset.frame_names(seq)])
+        pred = np.stack([_read_prediction(seq_dir / f"{name}.png", gt.shape[1:]) for name in names])
         scores[seq] = score_sequence(gt, pred)
+        if ids := late_objects(gt):
+            warn_late(seq, ids)
+            late[seq] = ids
+    if report is not None:
+        report.update(filled=filled, late=late)
     per_object = per_object_frame(scores)
     return per_object, summarize(per_object)

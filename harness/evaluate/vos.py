@@ -66,7 +66,7 @@ def run_frames(model, dataset: DavisDataset, frames: int, desc: str = "calibrati
     return done
 
 
-def evaluate(model, dataset: DavisDataset, decisions=(), save_dir=None, progress: bool = True):
+def evaluate(model, dataset: DavisDataset, decisions=(), save_dir=None, progress: bool = True, late=None):
     """J&F over every sequence of `dataset`, after checking that every quantizer is active.
 
     `decisions` (from the quantization policy) lets the check also catch a module the policy
@@ -74,6 +74,7 @@ def evaluate(model, dataset: DavisDataset, decisions=(), save_dir=None, progress
 
     Returns (per-object DataFrame, summary dict with J&F-mean, J-mean, F-mean, ..., fps).
     With `save_dir`, predictions are written as palette PNGs in SAM2's vos_inference layout.
+    `late` (a dict) receives {sequence: ids} of objects that appear after the first frame, unscored.
     """
     check_all_active(model, list(decisions))
     reset_eval_caches(model)
@@ -84,7 +85,12 @@ def evaluate(model, dataset: DavisDataset, decisions=(), save_dir=None, progress
             start = time.perf_counter()
             pred = predict_sequence(model, dataset, seq, bar=bar)
             seconds += time.perf_counter() - start
-            scores[seq] = metrics.score_sequence(dataset.annotations(seq), pred, dataset.object_ids(seq))
+            gt = dataset.annotations(seq)
+            scores[seq] = metrics.score_sequence(gt, pred, dataset.object_ids(seq))
+            if ids := metrics.late_objects(gt):
+                metrics.warn_late(seq, ids)
+                if late is not None:
+                    late[seq] = ids
             if save_dir is not None:
                 for name, ids in zip(dataset.frame_names(seq), pred, strict=True):
                     write_palette_png(f"{save_dir}/{seq}/{name}.png", ids)
