@@ -135,7 +135,7 @@ def test_bad_files_and_options(quantized, tmp_path):
     with pytest.raises(CheckpointError, match=r"packed model .*plain\.pt: expected a 'qbench-packed' file"):
         _load(tmp_path / "plain.pt")
     (tmp_path / "junk.pt").write_bytes(b"not a torch file")
-    with pytest.raises(CheckpointError, match=r"packed model .*junk\.pt could not be read"):
+    with pytest.raises(CheckpointError, match=r"packed model .*junk\.pt is not a readable torch file"):
         _load(tmp_path / "junk.pt")
     model, meta, decisions, _ = quantized(4)
     with pytest.raises(ConfigError, match="export.fp_dtype: 'float16'"):
@@ -184,5 +184,10 @@ def test_export_cli_writes_a_loadable_model(tmp_path):
     model = load_packed(out)
     check_all_active(model, [])
     assert {int(m.weight_quant.bit_width()) for m in quant_layers(model).values()} == {4}
+    # The same export again, by another process under another name: the same bytes.
+    again = tmp_path / "again" / "copy.qpt"
+    proc = subprocess.run([*cmd, "--out", str(again), "--results", str(tmp_path)], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert again.read_bytes() == out.read_bytes()
     bad = subprocess.run([*cmd[:-1], "name=nope", "--out", str(out)], capture_output=True, text=True)
     assert bad.returncode == 2 and "matches 0 runs" in bad.stderr

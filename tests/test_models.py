@@ -61,7 +61,7 @@ def test_checkpoint_errors(tmp_path):
         models.build("sam2_small", checkpoint=tmp_path / "nope.pt")
 
     (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
-    with pytest.raises(CheckpointError, match="junk.pt could not be read"):
+    with pytest.raises(CheckpointError, match="junk.pt is not a readable torch file"):
         models.build("sam2_small", checkpoint=tmp_path / "junk.pt")
 
     torch.save([1, 2], tmp_path / "list.pt")

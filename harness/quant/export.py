@@ -19,6 +19,7 @@ point: recomputing the scale from the restored weights can be 1 ulp off, the sto
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
 from pathlib import Path
 
@@ -111,7 +112,11 @@ def export(
     for (d, k), t in zip(refs, _pooled([d[k] for d, k in refs])):
         d[k] = t
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    torch.save({"format": FORMAT, "version": VERSION, "meta": meta, "layers": layers, "tensors": tensors}, path)
+    # torch.save names the zip's records after the file ("out/data.pkl"): saved through a buffer
+    # they are "archive/...", so one model exported twice, under any names, gives identical bytes.
+    buffer = io.BytesIO()
+    torch.save({"format": FORMAT, "version": VERSION, "meta": meta, "layers": layers, "tensors": tensors}, buffer)
+    Path(path).write_bytes(buffer.getvalue())
 
 
 def read(path: str | Path) -> dict:
