@@ -13,6 +13,8 @@ import contextlib
 import fcntl
 import json
 import os
+import re
+import shutil
 import socket
 import time
 from pathlib import Path
@@ -22,13 +24,10 @@ from pathlib import Path
 _MINE: set[Path] = set()
 
 
-def _alive(owner: dict, stale_after: float, path: Path) -> bool:
-    if owner.get("host") != socket.gethostname():
-        return time.time() - owner.get("time", 0) < stale_after
-    if owner.get("pid") == os.getpid():
-        return path in _MINE
+def pid_alive(pid: int) -> bool:
+    """Whether a process of this host has this pid."""
     try:
-        os.kill(owner["pid"], 0)
+        os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
@@ -36,10 +35,36 @@ def _alive(owner: dict, stale_after: float, path: Path) -> bool:
     return True
 
 
+def scratch_suffix() -> str:
+    """The end of a scratch folder's name: its owner, so that the next invocation can tell it is dead."""
+    return f".tmp-{os.getpid()}@{socket.gethostname()}"
+
+
+def clean_scratch(results_dir: str | Path) -> list[Path]:
+    """Remove the scratch folders under results/tmp and results/data (a half-written synthetic
+    dataset, an evaluation's scratch folder) whose owner, a process of this host, is dead."""
+    results_dir, removed = Path(results_dir), []
+    for path in [*(results_dir / "tmp").glob("*.tmp-*@*"), *(results_dir / "data").glob("*.tmp-*@*")]:
+        owner = re.search(r"\.tmp-(\d+)@(.+)$", path.name)
+        if owner and owner[2] == socket.gethostname() and int(owner[1]) != os.getpid() and not pid_alive(int(owner[1])):
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+    return removed
+
+
+def _alive(owner: dict, stale_after: float, path: Path) -> bool:
+    if owner.get("host") != socket.gethostname():
+        return time.time() - owner.get("time", 0) < stale_after
+    if owner.get("pid") == os.getpid():
+        return path in _MINE
+    return pid_alive(owner["pid"])
+
+
 class Claims:
-    def __init__(self, folder: str | Path, stale_after: float = 24 * 3600):
+    def __init__(self, folder: str | Path, stale_after: float = 24 * 3600, create: bool = True):
         self.folder = Path(folder)
-        self.folder.mkdir(parents=True, exist_ok=True)
+        if create:  # a dry run only reads
+            self.folder.mkdir(parents=True, exist_ok=True)
         self.stale_after = stale_after
 
     @contextlib.contextmanager

@@ -19,8 +19,9 @@ def _suite(args) -> int:
     suite = load_suite(args.suite, args.overrides)
     if args.dry_run:
         preflight(suite, args.results)  # the errors a run would give, before listing it as pending
+        states = status(suite, args.results)
         print(f"suite {suite.name} ({suite.path}): {len(suite.runs)} runs")
-        for spec, state in status(suite, args.results):
+        for spec, state in states:
             print(f"  {spec.run_key}  {state:<8}  {spec.name}")
         return 0
     rows, failed = run_suite(suite, args.results)
@@ -234,6 +235,9 @@ def main(argv: list[str] | None = None) -> int:
     except QBenchError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # the run in flight was recorded as KILLED on the way out
+        print(f"interrupted: qbench {args.command} stopped; a run in progress is recorded as KILLED", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

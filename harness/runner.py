@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 
 import methods
 from harness import models
-from harness.claims import Claims
+from harness.claims import Claims, clean_scratch, scratch_suffix
 from harness.config import RunSpec, Suite
 from harness.data import synthetic
 from harness.data.davis import DavisDataset
@@ -148,7 +148,11 @@ def run_one(spec, results_dir: Path, suite: str = "default") -> dict:
     eval_ds = dataset(cfg, "eval", results_dir)
     checkpoints = results_dir / "checkpoints" / suite / spec.run_key  # a killed training run resumes here
     model, decisions = prepare(cfg, results_dir, times, checkpoints)  # times: also the training metrics
-    with _phase(times, "evaluate"), tempfile.TemporaryDirectory() as tmp:
+    # Scratch under the results folder, named after this process: if it is killed, the next
+    # invocation removes the folder (claims.clean_scratch).
+    (results_dir / "tmp").mkdir(parents=True, exist_ok=True)
+    scratch = tempfile.TemporaryDirectory(dir=results_dir / "tmp", prefix="eval-", suffix=scratch_suffix())
+    with _phase(times, "evaluate"), scratch as tmp:
         save = Path(tmp) / "predictions" if cfg["eval"]["save_predictions"] else None
         late = {}
         per_object, summary = vos.evaluate(model, eval_ds, decisions, save_dir=save, late=late)
@@ -183,11 +187,10 @@ def check_finite(values: dict) -> None:
 
 
 def status(suite: Suite, results_dir: str | Path = "results") -> list[tuple[RunSpec, str]]:
-    """(spec, FINISHED | RUNNING | pending) for each run; creates no database where there is none."""
+    """(spec, FINISHED | RUNNING | pending) for each run; writes nothing (no database, experiment, folder)."""
     results_dir = Path(results_dir)
-    if not (results_dir / "mlflow.db").is_file():
-        return [(spec, "pending") for spec in suite.runs]
-    tracker, claims = Tracker(results_dir, suite.name), Claims(results_dir / "claims" / suite.name)
+    tracker = Tracker(results_dir, suite.name, create=False)
+    claims = Claims(results_dir / "claims" / suite.name, create=False)
     out = []
     for spec in suite.runs:
         if tracker.finished(spec.run_key):
@@ -240,6 +243,8 @@ def run_suite(suite: Suite, results_dir: str | Path = "results") -> tuple[list[d
     """
     preflight(suite, results_dir)
     results_dir = Path(results_dir)
+    for path in clean_scratch(results_dir):
+        log.info("removed %s, left by a process that died", path)
     rank, world = _distributed()
     if rank != 0:
         return follow(suite, results_dir), []

@@ -6,11 +6,14 @@ config) and the package versions as tags, metrics, and artifacts (per-object CSV
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import logging
 import os
 import platform
+import socket
+import sqlite3
 import subprocess
 import time
 import traceback
@@ -21,6 +24,9 @@ from pathlib import Path
 import mlflow
 import torch
 from mlflow.tracking import MlflowClient
+
+from harness.claims import pid_alive
+from harness.errors import ConfigError
 
 # MLflow's alembic migrations and its sqlite store log at INFO on every connection.
 for _name in ("alembic", "mlflow.store.db.utils"):
@@ -59,16 +65,51 @@ def environment() -> dict[str, str]:
     return tags
 
 
+def check_db(results_dir: Path, experiment: str) -> bool:
+    """Whether results/mlflow.db holds MLflow's tables. One error, instead of SQLAlchemy's traceback
+    or a silent new database that shows every run as pending, for a file that is not an SQLite
+    database, and for an empty or table-less one while the suite's artifacts say it had records."""
+    db = results_dir / "mlflow.db"
+    if not db.is_file():
+        return False
+    with open(db, "rb") as f:
+        head = f.read(16)
+    if head and head != b"SQLite format 3\x00":
+        raise ConfigError(f"{db} is not an SQLite database; move it away or choose another --results folder")
+    try:
+        with contextlib.closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True)) as con:
+            tables = {row[0] for row in con.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+    except sqlite3.DatabaseError as e:
+        raise ConfigError(f"{db} is a damaged SQLite database ({e}); restore it or move it away") from None
+    artifacts = results_dir / "artifacts" / experiment
+    if "experiments" not in tables and artifacts.is_dir() and any(artifacts.iterdir()):
+        what = "empty" if not head else "not an MLflow database (no experiments table)"
+        raise ConfigError(
+            f"{db} is {what} but {artifacts} holds records of suite {experiment}: restore the database from a "
+            "backup, or move both away to start afresh"
+        )
+    return "experiments" in tables
+
+
 class Tracker:
-    def __init__(self, results_dir: str | Path, experiment: str):
+    def __init__(self, results_dir: str | Path, experiment: str, create: bool = True):
+        """With create=False (a dry run) nothing is written: no folder, database or experiment."""
         self.results_dir = Path(results_dir).resolve()
-        self.results_dir.mkdir(parents=True, exist_ok=True)
+        self.experiment, self.experiment_id = experiment, None
         self.uri = f"sqlite:///{self.results_dir / 'mlflow.db'}"
+        if not create:
+            if check_db(self.results_dir, experiment):
+                self.client = MlflowClient(self.uri)
+                exp = self.client.get_experiment_by_name(experiment)
+                self.experiment_id = exp.experiment_id if exp else None
+            return
+        self.results_dir.mkdir(parents=True, exist_ok=True)
         mlflow.set_tracking_uri(self.uri)
         # Two processes starting on a new results folder would both create the schema and the
         # experiment; serialize that with a file lock.
         with open(self.results_dir / ".mlflow.lock", "a+") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
+            check_db(self.results_dir, experiment)
             self.client = MlflowClient(self.uri)
             exp = self.client.get_experiment_by_name(experiment)
             if exp is None:
@@ -76,10 +117,11 @@ class Tracker:
                 self.experiment_id = self.client.create_experiment(experiment, artifact_location=artifacts)
             else:
                 self.experiment_id = exp.experiment_id
-        self.experiment = experiment
 
     def finished(self, key: str):
         """The latest FINISHED child run with this run_key, or None."""
+        if self.experiment_id is None:
+            return None
         runs = self.client.search_runs(
             [self.experiment_id],
             filter_string=f"tags.run_key = '{key}' and attributes.status = 'FINISHED'",
@@ -96,13 +138,31 @@ class Tracker:
             self.client.set_tag(run.info.run_id, "failure_reason", "process died before the run ended")
             self.client.set_terminated(run.info.run_id, status="KILLED")
 
+    def close_dead_suites(self) -> None:
+        """Close as KILLED the RUNNING parent records whose process (on this host) is gone."""
+        for run in self.client.search_runs(
+            [self.experiment_id], filter_string="tags.kind = 'suite' and attributes.status = 'RUNNING'"
+        ):
+            tags = run.data.tags
+            if tags.get("host") == socket.gethostname() and tags.get("pid", "").isdigit():
+                pid = int(tags["pid"])
+                if pid != os.getpid() and not pid_alive(pid):
+                    self.client.set_tag(run.info.run_id, "failure_reason", "process died before the suite ended")
+                    self.client.set_terminated(run.info.run_id, status="KILLED")
+
     @contextmanager
     def suite(self, name: str, n_runs: int):
+        self.close_dead_suites()
         with mlflow.start_run(
             experiment_id=self.experiment_id, run_name=f"{name} {time.strftime('%Y-%m-%d %H:%M:%S')}"
         ):
-            mlflow.set_tags({"kind": "suite", "suite": name, "runs": str(n_runs), **environment()})
-            yield
+            owner = {"pid": str(os.getpid()), "host": socket.gethostname()}  # for close_dead_suites
+            mlflow.set_tags({"kind": "suite", "suite": name, "runs": str(n_runs), **owner, **environment()})
+            try:
+                yield
+            except KeyboardInterrupt:
+                mlflow.end_run(status="KILLED")  # not FAILED: nothing went wrong with the suite
+                raise
 
     @contextmanager
     def run(self, spec):

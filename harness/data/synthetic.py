@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import shutil
 from pathlib import Path
 from typing import NamedTuple
@@ -26,6 +25,7 @@ from PIL import Image
 from scipy.ndimage import zoom
 from tqdm import tqdm
 
+from harness.claims import scratch_suffix
 from harness.data.davis import write_palette_png
 
 KINDS = ("ellipse", "rectangle", "polygon", "star", "blob")
@@ -223,7 +223,7 @@ def generate(
 ) -> Path:
     """Write a synthetic DAVIS 2017-style dataset to `out`; size is (width, height). Returns `out`.
 
-    Files go to a sibling `<out>.tmp-<pid>` folder that is renamed to `out` once the
+    Files go to a sibling `<out>.tmp-<pid>@<host>` folder that is renamed to `out` once the
     `.complete` marker is in it, so `out` is never seen half written.
     """
     out = Path(out)
@@ -232,7 +232,7 @@ def generate(
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise FileExistsError(f"{out} already exists and is not empty; remove it or choose another folder")
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
+    tmp = out.with_name(out.name + scratch_suffix())  # removed by the next suite once this process is dead
     shutil.rmtree(tmp, ignore_errors=True)  # only a crashed run with this same pid could have left it
 
     names = [f"synth-{k:03d}" for k in range(sequences)]
