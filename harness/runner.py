@@ -18,7 +18,6 @@ from pathlib import Path
 
 import mlflow
 import torch
-from tqdm.auto import tqdm
 
 import methods
 from harness import models
@@ -28,6 +27,7 @@ from harness.data import synthetic
 from harness.data.davis import DavisDataset
 from harness.errors import ConfigError, QBenchError
 from harness.evaluate import vos
+from harness.progress import progress
 from harness.quant import export
 from harness.quant.policy import QuantPolicy
 from harness.quant.size import model_size
@@ -55,7 +55,9 @@ def dataset(cfg: dict, part: str | dict, results_dir: Path) -> DavisDataset:
             fcntl.flock(lock, fcntl.LOCK_EX)
             size = synthetic.parse_size(s["size"])
             if not synthetic.is_complete(root):
-                synthetic.generate(root, sequences=s["sequences"], frames=s["frames"], size=size, seed=s["seed"])
+                synthetic.generate(
+                    root, sequences=s["sequences"], frames=s["frames"], size=size, seed=s["seed"], progress=True
+                )
             made = json.loads((root / synthetic.COMPLETE_MARKER).read_text())
             want = {"sequences": s["sequences"], "frames": s["frames"], "size": list(size), "seed": s["seed"]}
             if {k: made.get(k) for k in want} != want:
@@ -252,7 +254,7 @@ def run_suite(suite: Suite, results_dir: str | Path = "results") -> tuple[list[d
     claims = Claims(results_dir / "claims" / suite.name)
     failed = []
     with tracker.suite(suite.name, len(suite.runs)):
-        for spec in tqdm(suite.runs, desc=f"suite {suite.name}", unit="run", disable=None):
+        for spec in progress(suite.runs, desc=f"suite {suite.name}", unit="run"):
             claim = claims.claim(spec.run_key, lambda s=spec: tracker.finished(s.run_key) is not None)
             if world > 1:
                 _announce(spec.run_key if claim == "claimed" else None)

@@ -23,10 +23,10 @@ from typing import NamedTuple
 import numpy as np
 from PIL import Image
 from scipy.ndimage import zoom
-from tqdm import tqdm
 
 from harness.claims import scratch_suffix
 from harness.data.davis import write_palette_png
+from harness.progress import progress as progress_bar
 
 KINDS = ("ellipse", "rectangle", "polygon", "star", "blob")
 MIN_VISIBLE = 20
@@ -237,7 +237,7 @@ def generate(
 
     names = [f"synth-{k:03d}" for k in range(sequences)]
     try:
-        for k, name in enumerate(tqdm(names, desc="synthetic DAVIS", disable=not progress)):
+        for k, name in enumerate(progress_bar(names, desc="synthetic DAVIS", unit="sequence", enabled=progress)):
             seq = render_sequence(seed, k, frames, size, objects)
             image_dir = tmp / "JPEGImages" / RESOLUTION / name
             ann_dir = tmp / "Annotations" / RESOLUTION / name

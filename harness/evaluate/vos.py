@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 
 from harness.data.davis import DavisDataset, write_palette_png
 from harness.evaluate import metrics
+from harness.progress import progress as progress_bar
 from harness.quant.fastpath import reset_eval_caches
 from harness.quant.state import check_all_active
 
@@ -58,7 +59,7 @@ def predict_sequence(model, dataset: DavisDataset, seq: str, max_frames: int | N
 def run_frames(model, dataset: DavisDataset, frames: int, desc: str = "calibration") -> int:
     """Run the tracker over sequences until `frames` frames are processed (calibration data)."""
     done = 0
-    with tqdm(total=frames, desc=desc, unit="frame", leave=False, disable=None) as bar:
+    with progress_bar(total=frames, desc=desc, unit="frame", leave=False) as bar:
         for seq in dataset.sequences:
             if done >= frames:
                 break
@@ -72,15 +73,21 @@ def evaluate(model, dataset: DavisDataset, decisions=(), save_dir=None, progress
     `decisions` (from the quantization policy) lets the check also catch a module the policy
     quantizes that has no quantizer.
 
-    Returns (per-object DataFrame, summary dict with J&F-mean, J-mean, F-mean, ..., fps).
+    Returns (per-object DataFrame, summary dict with J&F-mean, J-mean, F-mean, ..., fps, warmup_s):
+    fps counts every frame after an untimed warm-up frame, whose time is warmup_s.
     With `save_dir`, predictions are written as palette PNGs in SAM2's vos_inference layout.
     `late` (a dict) receives {sequence: ids} of objects that appear after the first frame, unscored.
     """
     check_all_active(model, list(decisions))
     reset_eval_caches(model)
     total = sum(len(dataset.frame_names(s)) for s in dataset.sequences)
+    # One untimed warm-up frame: the first forward of a fresh process (lazy initialisation, kernel
+    # selection, allocator growth) would otherwise count against the frames/s of its first run.
+    start = time.perf_counter()
+    predict_sequence(model, dataset, dataset.sequences[0], max_frames=1)
+    warmup = time.perf_counter() - start
     scores, seconds = {}, 0.0
-    with tqdm(total=total, desc="evaluate", unit="frame", leave=False, disable=None if progress else True) as bar:
+    with progress_bar(total=total, desc="evaluate", unit="frame", leave=False, enabled=progress) as bar:
         for seq in dataset.sequences:
             start = time.perf_counter()
             pred = predict_sequence(model, dataset, seq, bar=bar)
@@ -97,4 +104,5 @@ def evaluate(model, dataset: DavisDataset, decisions=(), save_dir=None, progress
     per_object = metrics.per_object_frame(scores)
     summary = metrics.summarize(per_object)
     summary["fps"] = total / seconds if seconds else float("nan")
+    summary["warmup_s"] = warmup
     return per_object, summary

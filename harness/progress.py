@@ -1,0 +1,55 @@
+"""Progress of long phases: a tqdm bar on a terminal; without one (CI, nohup, a cluster job) a log
+line when a phase starts and then at a steady interval, since tqdm(disable=None) prints nothing there
+and a bar written to a file is one ever-growing line.
+
+QBENCH_PROGRESS_INTERVAL (seconds, default 30) sets the interval.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import time
+
+from tqdm.auto import tqdm
+
+log = logging.getLogger("qbench")
+
+
+class _Lines:
+    def __init__(self, iterable, total, desc: str, unit: str):
+        self.iterable, self.desc, self.unit, self.n = iterable, desc, unit, 0
+        self.total = len(iterable) if total is None and hasattr(iterable, "__len__") else total
+        self.interval = float(os.environ.get("QBENCH_PROGRESS_INTERVAL", "30"))
+        self.start = time.monotonic()
+        self.last = self.start
+        log.info("%s: 0/%s %s", desc, self.total or "?", unit)
+
+    def update(self, n: int = 1) -> None:
+        self.n += n
+        now = time.monotonic()
+        if now - self.last >= self.interval:
+            self.last = now
+            log.info("%s: %d/%s %s after %.0f s", self.desc, self.n, self.total or "?", self.unit, now - self.start)
+
+    def __iter__(self):
+        for item in self.iterable:
+            yield item
+            self.update()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def progress(iterable=None, *, total: int | None = None, desc: str, unit: str, enabled: bool = True, leave=True):
+    """A tqdm-like bar (iterate over it, or `update(n)` it inside `with`)."""
+    if not enabled or sys.stderr.isatty():
+        return tqdm(iterable, total=total, desc=desc, unit=unit, leave=leave, disable=not enabled)
+    return _Lines(iterable, total, desc, unit)
