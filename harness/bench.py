@@ -1,9 +1,11 @@
-"""`qbench bench`: forward time of the fake-quantized model over the FP model, measured in one run.
+"""`qbench bench`: time of the fake-quantized model over the FP model, measured in one run.
 
-Two workloads per model: the image path (image encoder + prompt encoder + mask decoder, through
-SAM2ImagePredictor with a box) and one video tracking step (a propagated frame through the video
-predictor: image encoder, memory attention, mask decoder, memory encoder). FP and quantized calls
-alternate, so both see the same machine load; the ratio is of the medians.
+Evaluation: two workloads per model, the image path (image encoder + prompt encoder + mask
+decoder, through SAM2ImagePredictor with a box) and one video tracking step (a propagated frame
+through the video predictor: image encoder, memory attention, mask decoder, memory encoder).
+`--train`: one QAT training step (harness.train.fit, SAM2Train forward + loss + backward + AdamW)
+of each method over one FP training step of the same model on the same clips.
+FP and quantized calls alternate, so both see the same machine load; ratios are of the medians.
 """
 
 from __future__ import annotations
@@ -14,10 +16,13 @@ import time
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 import methods
-from harness import models
+from harness import models, train
+from harness.config import base_config
 from harness.data import synthetic
+from harness.data.clips import collate
 from harness.data.davis import DavisDataset
 from harness.evaluate import vos
 from harness.quant.policy import QuantPolicy
@@ -74,13 +79,65 @@ def bench_model(name, image_size, policy: QuantPolicy, method_name="rtn", repeat
     return out
 
 
-def run(policy: QuantPolicy, model_list=DEFAULT_MODELS, repeats=5) -> list[dict]:
-    return [bench_model(name, size, policy, repeats=repeats) for name, size in model_list]
+def run(policy: QuantPolicy, model_list=DEFAULT_MODELS, repeats=5, method="rtn") -> list[dict]:
+    return [bench_model(name, size, policy, method, repeats=repeats) for name, size in model_list]
 
 
-def format_text(results: list[dict], policy: QuantPolicy) -> str:
+# (method, weight bits, activation bits) of `qbench bench --train`
+TRAIN_CASES = [("lsq", 4, 4), ("pact", 4, 8)]
+
+
+def bench_train_model(name, image_size, cases=TRAIN_CASES, rounds=3, batch=4, frames=4) -> dict:
+    """Median time of one training step per case and of one FP step, in alternating rounds."""
+    overrides = [f"model.name={name}", "method.name=lsq", "train.steps=2", "train.log_every=1"]
+    overrides += [f"train.batch_size={batch}", f"train.frames={frames}", "train.data.kind=stream"]
+    overrides += [f"model.image_size={image_size}"] if image_size else []
+    cfg = base_config(None, overrides)
+    data = train.train_data(cfg, None)
+    torch.manual_seed(0)
+    fp = models.build(name, image_size=image_size, device="cpu")
+    clip = collate([data[10**6]])  # calibration: one clip the timed steps never see
+
+    def feed(model):
+        view = models.training_view(model, name, image_size, cfg["train"]["prompts"])
+        with torch.no_grad():
+            view(clip)
+
+    entries = [("fp", fp, None)]
+    for method_name, w, a in cases:
+        q = models.build(name, image_size=image_size, device="cpu")
+        q.load_state_dict(fp.state_dict())
+        method = methods.get(method_name)
+        methods.ptq(method, q, QuantPolicy(weight_bits=w, act_bits=a), feed)
+        entries.append((f"{method_name} W{w}A{a}", q, method))
+    times = {label: [] for label, _, _ in entries}
+    for r in tqdm(range(rounds + 1), desc=f"bench --train {name}", unit="round", disable=None):
+        for label, model, method in entries:
+            # Step 1 of each fit allocates the optimizer state: time step 2 only; round 0 warms up.
+            step_s = train.fit(model, cfg, data, method=method, progress=False)["history"][-1]["train/step_s"]
+            if r:
+                times[label].append(step_s)
+    fp_s = statistics.median(times["fp"])
+    out = {"model": name, "image_size": fp.image_size, "batch": batch, "frames": frames, "fp_s": fp_s}
+    out["cases"] = {k: {"step_s": statistics.median(v), "ratio": statistics.median(v) / fp_s} for k, v in times.items() if k != "fp"}
+    return out
+
+
+def format_train(results: list[dict]) -> str:
+    lines = [f"one training step, QAT over FP; torch threads {torch.get_num_threads()}"]
+    lines.append(f"{'model':<16} {'size':>5} {'clips':>9} {'case':<12} {'fp s':>7} {'qat s':>7} {'ratio':>6}")
+    for r in results:
+        for case, c in r["cases"].items():
+            lines.append(
+                f"{r['model']:<16} {r['image_size']:>5} {r['batch']:>3}x{r['frames']:<2}fr {case:<12} "
+                f"{r['fp_s']:>7.2f} {c['step_s']:>7.2f} {c['ratio']:>5.2f}x"
+            )
+    return "\n".join(lines)
+
+
+def format_text(results: list[dict], policy: QuantPolicy, method="rtn") -> str:
     lines = [
-        f"rtn W{policy.weight_bits}A{policy.act_bits} (attention {'on' if policy.attention else 'off'}), "
+        f"{method} W{policy.weight_bits}A{policy.act_bits} (attention {'on' if policy.attention else 'off'}), "
         f"torch threads {torch.get_num_threads()}"
     ]
     lines.append(f"{'model':<16} {'size':>5} {'workload':<12} {'fp ms':>9} {'quant ms':>9} {'ratio':>6}")

@@ -63,11 +63,15 @@ def _constants(proxy):
 
 def act_quant(proxy, x: torch.Tensor) -> torch.Tensor:
     """Fake-quantize `x` with a Brevitas activation proxy; returns a plain tensor."""
-    slow = proxy.training or torch.is_grad_enabled() or not proxy.is_quant_enabled
-    constants = None if slow else _constants(proxy)
-    if constants is None:
-        out = proxy(x)
+    if not proxy.is_quant_enabled or proxy.export_mode or isinstance(x, QuantTensor):
+        out = proxy(x)  # calibration hooks, export and disabled quantizers: Brevitas's own path
         return out.value if isinstance(out, QuantTensor) else out
+    if proxy.training or torch.is_grad_enabled():
+        # QAT: the proxy's quantizer without building a QuantTensor around every activation.
+        return proxy.fused_activation_quant_proxy(x)[0]
+    constants = _constants(proxy)
+    if constants is None:
+        return proxy.fused_activation_quant_proxy(x)[0]
     scale, zero_point, lo, hi = constants
     if zero_point is None:  # symmetric: skip two elementwise passes (only the sign of a zero may differ)
         return torch.clamp(torch.round(x / scale), lo, hi) * scale

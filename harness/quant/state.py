@@ -10,13 +10,12 @@ from __future__ import annotations
 import fnmatch
 
 import torch.nn as nn
-from brevitas.core.scaling.standalone import ParameterFromRuntimeStatsScaling
 from brevitas.proxy.quant_proxy import QuantProxyFromInjector
 
 from harness.errors import QBenchError
 from harness.quant.attention import QuantAttentionMixin
 from harness.quant.policy import Decision
-from harness.quant.swap import quant_layers
+from harness.quant.swap import collects_stats, quant_layers
 
 KINDS = ("weight", "act", "attention")
 
@@ -55,8 +54,7 @@ def set_enabled(model: nn.Module, enabled: bool, kinds=KINDS, modules: str = "*"
 
 def _uncalibrated(quantizer: nn.Module) -> bool:
     return any(
-        isinstance(m, ParameterFromRuntimeStatsScaling)
-        and (m.counter <= m.collect_stats_steps or getattr(m, "calibration_starved", False))
+        collects_stats(m) and (m.counter <= m.collect_stats_steps or getattr(m, "calibration_starved", False))
         for m in quantizer.modules()
     )
 

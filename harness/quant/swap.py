@@ -33,11 +33,13 @@ class _FastQuantLayer:
     def forward(self, x):
         if x.dtype != self.weight.dtype and not torch.is_autocast_enabled(x.device.type):
             x = x.to(self.weight.dtype)
-        # The cached tensors are detached: whenever autograd is on (QAT, reconstruction in eval
-        # mode), take Brevitas's path.
-        slow = self.training or torch.is_grad_enabled() or self.export_mode
-        if slow or self.output_quant.is_quant_enabled or self.bias_quant.is_quant_enabled:
+        if self.export_mode or self.output_quant.is_quant_enabled or self.bias_quant.is_quant_enabled:
             return super().forward(x)
+        if self.training or torch.is_grad_enabled():
+            # QAT, reconstruction: the cached weight is detached, so quantize it with autograd on;
+            # the values Brevitas's QuantTensor path gives, without its per-call bookkeeping.
+            w = self.quant_weight()
+            return self.inner_forward_impl(act_quant(self.input_quant, x), w.value if isinstance(w, QuantTensor) else w, self.bias)
         return self.inner_forward_impl(act_quant(self.input_quant, x), self._eval_weight(), self.bias)
 
     def _eval_weight(self) -> torch.Tensor:
@@ -121,6 +123,13 @@ def quant_layers(model: nn.Module) -> dict[str, QuantWeightBiasInputOutputLayer]
     return {n: m for n, m in model.named_modules() if isinstance(m, QuantWeightBiasInputOutputLayer)}
 
 
+def collects_stats(module: nn.Module) -> bool:
+    """A quantizer part initialized from runtime statistics (Brevitas's or harness.quant.learned's)."""
+    return isinstance(module, ParameterFromRuntimeStatsScaling) or (
+        hasattr(module, "collect_stats_steps") and hasattr(module, "counter") and hasattr(module, "init_scale")
+    )
+
+
 def calibrate(model: nn.Module, feed) -> None:
     """Collect activation statistics with Brevitas's calibration mode while `feed()` runs data.
 
@@ -130,7 +139,7 @@ def calibrate(model: nn.Module, feed) -> None:
     was_training = model.training
     with torch.no_grad(), calibration_mode(model):
         feed()
-        starved = [m for m in model.modules() if isinstance(m, ParameterFromRuntimeStatsScaling) and m.counter == 0]
+        starved = [m for m in model.modules() if collects_stats(m) and m.counter == 0]
     for m in starved:
         m.calibration_starved = True
     model.train(was_training)
