@@ -25,7 +25,7 @@ from harness.claims import Claims, clean_scratch, scratch_suffix
 from harness.config import RunSpec, Suite
 from harness.data import synthetic
 from harness.data.davis import DavisDataset
-from harness.errors import ConfigError, QBenchError
+from harness.errors import CheckpointError, ConfigError, QBenchError
 from harness.evaluate import vos
 from harness.progress import progress
 from harness.quant import export
@@ -211,12 +211,16 @@ def preflight(suite: Suite, results_dir: str | Path = "results") -> None:
     for spec in suite.runs:
         cfg, where = spec.config, f"{suite.path}: run {spec.name}"
         m = cfg["model"]
+        if m["checkpoint"] not in (None, models.RANDOM) and not Path(m["checkpoint"]).is_file():
+            raise ConfigError(f"{where}: model.checkpoint: {m['checkpoint']} does not exist")
         if (key := ("model", m["name"], m["checkpoint"], m["image_size"])) not in seen:
             seen.add(key)
             try:
                 models.check(m["name"], m["checkpoint"], m["image_size"])
             except QBenchError as e:
-                raise type(e)(f"{where}: {e}") from None
+                raise type(e)(
+                    f"{where}: model.checkpoint: {e}" if isinstance(e, CheckpointError) else f"{where}: {e}"
+                ) from None
         parts = {f"data.{p}": cfg["data"][p] for p in ("eval", "calib")}
         if methods.from_config(cfg["method"]).trains and cfg["train"]["steps"]:
             parts["train.data"] = cfg["train"]["data"]

@@ -1,6 +1,7 @@
 """Running suites for real: resume after SIGKILL, failure records, two processes at once, determinism."""
 
 import math
+import shutil
 import signal
 import subprocess
 import sys
@@ -11,6 +12,7 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from harness import models
+from harness.data import synthetic
 from harness.runner import NonFiniteError, check_finite
 
 SUITE = """
@@ -143,32 +145,44 @@ def test_dry_run_lists_run_keys_and_status(suite_file, killed_and_resumed):
 
 
 def test_failed_run_is_recorded_and_the_suite_goes_on(tmp_path):
-    good, bad = tmp_path / "good.pt", tmp_path / "bad.pt"
-    model = models.build("sam2_small", device="cpu")
-    models.save_checkpoint(model, good)
-    sd = model.state_dict()
-    sd["obj_ptr_proj.layers.0.weight"] = torch.zeros(3, 3)
-    torch.save({"model": sd}, bad)
+    good = synthetic.generate(tmp_path / "good", sequences=2, frames=4, size=(96, 64), seed=1)
+    bad = shutil.copytree(good, tmp_path / "bad")
+    seq = (bad / "ImageSets" / "2017" / "val.txt").read_text().split()[0]
+    jpg = bad / "JPEGImages" / "480p" / seq / "00002.jpg"
+    jpg.write_bytes(jpg.read_bytes()[:300])  # truncated: found only when the frame is decoded, in the run
     suite = tmp_path / "ckpts.yaml"
     suite.write_text(
-        SUITE.replace("name: tiny", "name: ckpts").replace(
+        SUITE.replace("name: tiny", "name: ckpts")
+        .replace("    calib:", "    eval: {kind: davis, split: val}\n    calib:")
+        .replace(
             "matrix:\n  method.name: [fp, rtn]\n  quant.weight_bits: [8, 4]\n",
-            f"matrix:\n  model.checkpoint: [{bad}, {good}]\n",
+            f"matrix:\n  data.eval.root: [{bad}, {good}]\n",
         )
     )
     proc = start(suite, tmp_path / "r")
     out, err = proc.communicate(timeout=300)
-    assert proc.returncode == 1
-    assert "FAILED model.checkpoint=" in err or "FAILED checkpoint=" in err
+    assert proc.returncode == 1, err[-2000:]
+    assert "FAILED root=" in err
     client, runs = child_runs(tmp_path / "r", "ckpts")
-    status = {r.data.params["model.checkpoint"]: r for r in runs}
+    status = {r.data.params["data.eval.root"]: r for r in runs}
     assert status[str(good)].info.status == "FINISHED"
     failed = status[str(bad)]
     assert failed.info.status == "FAILED"
-    assert failed.data.tags["failure_reason"].startswith("CheckpointError: checkpoint")
-    assert "shape mismatches" in failed.data.tags["failure_reason"]
+    assert "truncated" in failed.data.tags["failure_reason"].lower()
     trace = client.download_artifacts(failed.info.run_id, "traceback.txt", str(tmp_path))
     assert "Traceback" in open(trace).read()
+    # A checkpoint that does not match its config is caught before any work: exit 2, nothing recorded.
+    sd = models.build("sam2_small", device="cpu").state_dict()
+    sd["obj_ptr_proj.layers.0.weight"] = torch.zeros(3, 3)
+    torch.save({"model": sd}, tmp_path / "bad.pt")
+    proc = subprocess.run(
+        [sys.executable, "-m", "harness", "suite", str(suite), f"model.checkpoint={tmp_path / 'bad.pt'}"]
+        + ["--results", str(tmp_path / "r3")],
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 2 and "shape mismatches: obj_ptr_proj.layers.0.weight (3, 3)" in proc.stderr
+    assert not (tmp_path / "r3").exists()
     # A missing checkpoint is caught before any work: exit 2, nothing recorded.
     proc = subprocess.run(
         [

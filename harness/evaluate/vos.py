@@ -73,8 +73,8 @@ def evaluate(model, dataset: DavisDataset, decisions=(), save_dir=None, progress
     `decisions` (from the quantization policy) lets the check also catch a module the policy
     quantizes that has no quantizer.
 
-    Returns (per-object DataFrame, summary dict with J&F-mean, J-mean, F-mean, ..., fps, warmup_s):
-    fps counts every frame after an untimed warm-up frame, whose time is warmup_s.
+    Returns (per-object DataFrame, summary dict with J&F-mean, J-mean, F-mean, ..., fps, time_warmup_s):
+    fps counts every frame after an untimed warm-up frame, whose time is time_warmup_s.
     With `save_dir`, predictions are written as palette PNGs in SAM2's vos_inference layout.
     `late` (a dict) receives {sequence: ids} of objects that appear after the first frame, unscored.
     """
@@ -104,5 +104,5 @@ def evaluate(model, dataset: DavisDataset, decisions=(), save_dir=None, progress
     per_object = metrics.per_object_frame(scores)
     summary = metrics.summarize(per_object)
     summary["fps"] = total / seconds if seconds else float("nan")
-    summary["warmup_s"] = warmup
+    summary["time_warmup_s"] = warmup
     return per_object, summary
