@@ -113,6 +113,9 @@ def load_runs(suite: Suite, results_dir) -> tuple[pd.DataFrame, list[str]]:
             df[key] = pd.to_numeric(df[key])
         except (ValueError, TypeError):
             pass
+    if {"quant.weight_bits", "quant.act_bits"} <= set(params):
+        df["quant.wa"] = [f"W{w}A{a}" for w, a in zip(df["quant.weight_bits"], df["quant.act_bits"])]
+        params.append("quant.wa")
     return df, params
 
 
@@ -122,9 +125,21 @@ def _check_param(key, params: list[str], df: pd.DataFrame, where: str) -> None:
         raise ConfigError(f"{where}: {key!r} is not a run parameter; expected a swept key ({swept}) or another param")
 
 
-def _swept(df: pd.DataFrame, params: list[str]) -> list[str]:
+# Keys made of others (load_runs adds them): a table or figure that uses one does not split by its parts.
+DERIVED = {"quant.wa": ("quant.weight_bits", "quant.act_bits")}
+
+
+def _swept(df: pd.DataFrame, params: list[str], using=()) -> list[str]:
+    """Keys that vary between runs, less derived keys not in `using` and the parts of those that are."""
     # A method's own knobs are absent (NaN) for other methods: absence is no sweep.
-    return [k for k in params if df[k].nunique() > 1]
+    parts = {p for k in using for p in DERIVED.get(k, ())}
+    skip = parts | {k for k in DERIVED if k not in using}
+    return [k for k in params if k not in skip and df[k].nunique() > 1]
+
+
+def _knobs(keys, values) -> list[str]:
+    """key=value labels, without the knobs a method does not have (NaN)."""
+    return [f"{_short(k)}={v}" for k, v in zip(keys, values) if not pd.isna(v)]
 
 
 def _metric(alias: str, df: pd.DataFrame, where: str) -> tuple[str, float, int, str]:
@@ -164,11 +179,12 @@ def table_frame(df, params, rows: str, cols: str, metric) -> pd.DataFrame:
     """Long form: row, col, mean, std, n, delta_fp. The fp runs make the reference row, first."""
     fp = df["method.name"] == "fp"
     # fp's own params (e.g. the bits it ignores) do not split the quantized rows.
-    extra = [k for k in _swept(df[~fp], params) if k not in (rows, cols, "seed")]
+    extra = [k for k in _swept(df[~fp], params, (rows, cols)) if k not in (rows, cols, "seed")]
     cells = _aggregate(df[~fp], [rows, *extra, cols], metric)
-    cells["row"] = [", ".join([str(r[rows]), *(f"{_short(k)}={r[k]}" for k in extra)]) for _, r in cells.iterrows()]
+    cells["row"] = [", ".join([str(r[rows]), *_knobs(extra, [r[k] for k in extra])]) for _, r in cells.iterrows()]
     cells = cells.rename(columns={cols: "col"})[["row", "col", "mean", "std", "n"]]
-    col_order = list(dict.fromkeys(df[cols]))
+    # fp's normalized quant section (W8A8) is no column of its own when quantized runs exist.
+    col_order = list(dict.fromkeys(df[~fp][cols] if (~fp).any() else df[cols]))
     if fp.any():
         # fp has no bit-width: where it was not run at a column's value, its pooled runs stand in.
         ref = []
@@ -302,14 +318,14 @@ def figure(df, params, fig_spec, default_metric: str, out: Path, where: str) -> 
 
 def _series_label(key, extra: list[str]) -> str:
     key = key if isinstance(key, tuple) else (key,)
-    return ", ".join([str(key[0]), *(f"{_short(k)}={v}" for k, v in zip(extra, key[1:]))])
+    return ", ".join([str(key[0]), *_knobs(extra, key[1:])])
 
 
 def _lines(ax, df, params, x: str, metric) -> None:
     """One line per method (and per other swept knob); fp as a dashed reference with its std band."""
     fp = df["method.name"] == "fp"
     quant = df[~fp & df[x].notna()]
-    extra = [k for k in _swept(quant, params) if k not in (x, "seed", "method.name")]
+    extra = [k for k in _swept(quant, params, (x,)) if k not in (x, "seed", "method.name")]
     agg = _aggregate(quant, ["method.name", *extra, x], metric)
     styles = ["-", "--", ":", "-."]
     for i, (key, s) in enumerate(agg.groupby(["method.name", *extra], sort=False)):
