@@ -17,7 +17,7 @@ from brevitas.nn import QuantIdentity
 from brevitas.quant import Int8ActPerTensorFloat, Int8WeightPerChannelFloat
 
 from harness.errors import ConfigError
-from harness.quant.learned import LearnedIntQuant, PactClip, PactZeroPoint, pact_alphas
+from harness.quant.learned import PactClip, PactIntQuant, pact_alphas
 from methods.base import Method, register
 
 
@@ -43,9 +43,8 @@ class PACT(Method):
             signed=signed,
             narrow_range=signed,
             scaling_impl=PactClip,
-            zero_point_impl=PactZeroPoint,
             alpha_init=self.params["alpha_init"],
-            int_quant=LearnedIntQuant,
+            int_quant=PactIntQuant,
         )
 
     def act_quant(self, bits):

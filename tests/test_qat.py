@@ -14,8 +14,8 @@ from brevitas.graph.calibrate import calibration_mode
 from brevitas.nn import QuantIdentity
 
 import methods
-from harness import models, train
-from harness.config import base_config
+from harness import models, runner, train
+from harness.config import base_config, load_suite
 from harness.data import synthetic
 from harness.data.davis import DavisDataset
 from harness.evaluate import vos
@@ -26,6 +26,7 @@ from harness.quant.fastpath import act_quant
 from harness.quant.learned import LsqActStep, LsqWeightStep, PactClip
 from harness.quant.policy import QuantPolicy
 from harness.quant.swap import quant_layers
+from harness.report import report
 
 
 def _identity(quant, data=None) -> QuantIdentity:
@@ -218,3 +219,41 @@ def test_inspect_shows_the_qat_methods_plan():
     report = inspect(cfg)
     quantized = [r for r in report["rows"] if r["quantized"] and r["kind"] != "Attention"]
     assert quantized and all(r["weight_bits"] == 2 for r in quantized)
+
+
+QAT_SUITE = """
+name: qat_short
+base:
+  data:
+    eval: {kind: synthetic, split: val}
+    calib: {kind: synthetic, split: train, frames: 8}
+    synthetic: {sequences: 8, frames: 6, size: 256x144, seed: 0}
+  quant: {weight_bits: 2, act_bits: 8}
+  train:
+    steps: 8
+    batch_size: 2
+    frames: 3
+    lr: 2.0e-5
+    quant_lr: 2.0e-3
+    objectives: {supervised: 1.0, distill_mask: 1.0}
+    data: {kind: stream, size: 256x144}
+matrix:
+  method.name: [rtn, lsq]
+report:
+  table: {rows: method.name, cols: quant.wa}
+"""
+
+
+def test_short_lsq_w2a8_run_beats_rtn_w2a8(tmp_path):
+    """A suite through the runner: 8 QAT steps of LSQ against min-max PTQ at W2A8, and its report."""
+    path = tmp_path / "qat_short.yaml"
+    path.write_text(QAT_SUITE)
+    results = tmp_path / "results"
+    summaries, failed = runner.run_suite(load_suite(str(path)), results)
+    assert not failed
+    jf = {s["method"]: s["J&F"] for s in summaries}
+    print(jf)
+    assert jf["lsq"] > jf["rtn"] + 0.15
+    written = report(load_suite(str(path)), results)
+    table = written["table.md"].read_text()
+    assert "W2A8" in table and "W8A8" not in table

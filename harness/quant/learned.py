@@ -1,10 +1,11 @@
-"""Learned quantizer parameters for QAT methods, as Brevitas rounding, scaling and zero-point modules.
+"""Learned quantizer parameters for QAT methods, as Brevitas integer-quant, scaling and zero-point modules.
 
 Methods plug these into Brevitas injectors (`Int8ActPerTensorFloat.let(scaling_impl=LsqActStep,
-...)`), so LSQ, LSQ+ and PACT quantize through the same Quant* layers, attention quantizers, eval
-fast path, all-active check and packed export as every other method. A zero-point module that needs
-its quantizer's scale module gets it by constructor injection: Brevitas resolves one tensor_quant
-with one instance of each dependency, so `scaling_impl` is the same module the quantizer uses.
+int_quant=LearnedIntQuant, ...)`), so LSQ, LSQ+ and PACT quantize through the same Quant* layers,
+attention quantizers, eval fast path, all-active check and packed export as every other method. A
+module that needs its quantizer's scale module (LSQ+'s offset, PACT's int quant) gets it by
+constructor injection: Brevitas resolves one tensor_quant with one instance of each dependency, so
+`scaling_impl` is the same module the quantizer uses.
 
 Activation modules take part in Brevitas's `calibration_mode` (attributes `counter`,
 `collect_stats_steps`, `momentum`, method `init_scale`): the calibration frames initialize them.
@@ -39,6 +40,13 @@ def grad_scale(t: Tensor, g: float) -> Tensor:
     return (t - t * g).detach() + t * g
 
 
+def _codes(x: Tensor, scale: Tensor, zero_point: Tensor, lo: float, hi: float) -> tuple[Tensor, Tensor]:
+    v = x / scale
+    if zero_point.requires_grad or zero_point.numel() != 1 or float(zero_point) != 0:
+        v = v + zero_point
+    return v, torch.clamp(torch.round(v), lo, hi)
+
+
 class _FakeQuant(torch.autograd.Function):
     """(clamp(round(x / s + z), Qn, Qp) - z) * s with the LSQ / LSQ+ gradients in closed form.
 
@@ -50,8 +58,7 @@ class _FakeQuant(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, scale, zero_point, lo: float, hi: float):
-        v = x / scale + zero_point
-        q = torch.clamp(torch.round(v), lo, hi)
+        v, q = _codes(x, scale, zero_point, lo, hi)
         inside = (v > lo) & (v < hi)
         ctx.save_for_backward(v, q, inside, scale, zero_point)
         return (q - zero_point) * scale
@@ -67,6 +74,25 @@ class _FakeQuant(torch.autograd.Function):
         if ctx.needs_input_grad[2]:
             grad_z = (g * ~inside * -scale).sum_to_size(zero_point.shape)
         return grad_x, grad_s, grad_z, None, None
+
+
+class _PactFakeQuant(torch.autograd.Function):
+    """clamp(round(x / s), Qn, Qp) * s with s = alpha / Qp, and PACT's gradients: d/dx = 1 inside
+    and 0 clipped; d/dalpha = 1 where x >= alpha, -1 where x <= -alpha (signed), 0 inside."""
+
+    @staticmethod
+    def forward(ctx, x, alpha, scale, lo: float, hi: float, signed: bool):
+        v, q = _codes(x, scale, scale.new_zeros(()), lo, hi)
+        ctx.save_for_backward(v)
+        ctx.lo, ctx.hi, ctx.signed, ctx.alpha_shape = lo, hi, signed, alpha.shape
+        return q * scale
+
+    @staticmethod
+    def backward(ctx, g):
+        (v,) = ctx.saved_tensors
+        high, low = v >= ctx.hi, v <= ctx.lo
+        grad_alpha = (g * high).sum() - ((g * low).sum() if ctx.signed else 0)
+        return g * ~(high | low), grad_alpha.reshape(ctx.alpha_shape), None, None, None, None
 
 
 class LearnedIntQuant(IntQuant):
@@ -261,7 +287,7 @@ class LsqOffset(nn.Module):
 class PactClip(_CalibratedAct):
     """The learned clip alpha of PACT (Choi et al., 2018), per tensor; returns the step alpha / Qp.
 
-    The step is returned detached: PACT's gradient reaches alpha through `PactZeroPoint` only, as
+    The step is returned detached: PACT's gradient reaches alpha through `PactIntQuant` only, as
     1 where x >= alpha (-1 where x <= -alpha for signed inputs) and 0 inside the range. Initialized
     to max|x| over the calibration batches (`alpha_init: max`) or to a constant (the paper: 10).
     """
@@ -285,26 +311,19 @@ class PactClip(_CalibratedAct):
         return self.value.detach().clamp_min(EPS) / self.qp
 
 
-class PactZeroPoint(nn.Module):
-    """Zero point 0 whose gradient carries PACT's alpha gradient.
+class PactIntQuant(LearnedIntQuant):
+    """LearnedIntQuant whose gradient reaches PACT's alpha (its quantizer's PactClip, injected)."""
 
-    With LearnedIntQuant, d x_hat_i / d z_i = -s for clipped entries and 0 inside, so the
-    zero-valued z_i = (alpha - alpha.detach()) * c_i with c_i = -sign(x_i) / s (signed) or
-    -[x_i > 0] / s (unsigned: the lower clip at 0 does not depend on alpha) gives d x_hat_i /
-    d alpha = +1 above alpha, -1 below -alpha and 0 inside, PACT's gradient exactly.
-    """
+    def __init__(self, narrow_range: bool, signed: bool, input_view_impl: nn.Module, scaling_impl: PactClip):
+        super().__init__(narrow_range=narrow_range, signed=signed, input_view_impl=input_view_impl)
+        self._clip = [scaling_impl]  # in a list: the clip module is registered once, in tensor_quant
 
-    def __init__(self, scaling_impl: PactClip):
-        super().__init__()
-        self._owner = [scaling_impl]
-
-    def forward(self, x: Tensor, scale: Tensor, bit_width: Tensor) -> Tensor:
-        owner = self._owner[0]
-        alpha = owner.value
-        if not (torch.is_grad_enabled() and alpha.requires_grad and owner.calibrated):
-            return torch.zeros_like(scale)
-        side = torch.sign(x.detach()) if owner.signed else (x.detach() > 0).to(x.dtype)
-        return (alpha - alpha.detach()) * (-side / scale.detach())
+    def forward(self, scale: Tensor, zero_point: Tensor, bit_width: Tensor, x: Tensor) -> Tensor:
+        clip = self._clip[0]
+        if not (torch.is_grad_enabled() and clip.value.requires_grad and clip.calibrated):
+            return super().forward(scale, zero_point, bit_width, x)
+        lo, hi = int_range(int(bit_width), self.signed, self.narrow_range)
+        return _PactFakeQuant.apply(self.input_view_impl(x), clip.value, scale, lo, hi, self.signed)
 
 
 def pact_alphas(model: nn.Module) -> list[Tensor]:
