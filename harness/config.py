@@ -206,7 +206,8 @@ def load_suite(name: str, overrides: list[str] | None = None) -> Suite:
         key = run_key(cfg)
         if key not in seen:
             seen.add(key)
-            runs.append(RunSpec(label, cfg, key))
+            shown = {k: v for k, v in combo.items() if _applies(k, cfg)}  # fp's name has no bits
+            runs.append(RunSpec(_label({k: dict(parsed).get(k, v) for k, v in shown.items()}), cfg, key))
     return Suite(suite.name or path.stem, path, runs, suite.report.model_dump())
 
 
@@ -226,6 +227,16 @@ def _matches_flat(combo: dict, base: dict, pattern: dict) -> bool:
     for key, value in combo.items():
         set_dotted(cfg, key, value, "exclude")
     return _matches(cfg, pattern)
+
+
+def _applies(key: str, cfg: dict) -> bool:
+    """Whether a matrix key can change a canonical run (canonical resets what its method ignores)."""
+    method = methods.from_config(cfg["method"])
+    if key.startswith(("quant.", "data.calib.")) and not method.quantizes:
+        return False
+    if key.startswith("train.") and not method.trains:
+        return False
+    return not key.startswith("method.") or key.split(".")[1] in cfg["method"]
 
 
 def _label(combo: dict) -> str:

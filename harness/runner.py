@@ -342,16 +342,15 @@ def summary_rows(suite: Suite, tracker: Tracker) -> list[dict]:
 def write_summary(rows: list[dict], path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     cols = ["method", "bits", "J&F", "J", "F", "frames/s", "packed MB", "vs BF16", "run_key"]
-    fmt = {
-        "J&F": "{:.3f}",
-        "J": "{:.3f}",
-        "F": "{:.3f}",
-        "frames/s": "{:.2f}",
-        "packed MB": "{:.3f}",
-        "vs BF16": "{:.2f}x",
-    }
-    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    for r in rows:
-        cells = [fmt[c].format(r[c]) if c in fmt and r[c] is not None else str(r[c]) for c in cols]
-        lines.append("| " + " | ".join(cells) + " |")
+    # J&F, J and F in percent, the unit of the report's tables and figures.
+    head = {"J&F": "J&F (%)", "J": "J (%)", "F": "F (%)"}
+    fmt = {"frames/s": "{:.2f}", "packed MB": "{:.3f}", "vs BF16": "{:.2f}x"}
+
+    def cell(r, c):
+        if r[c] is None or c not in fmt and c not in head:
+            return str(r[c])
+        return f"{100 * r[c]:.1f}" if c in head else fmt[c].format(r[c])
+
+    lines = ["| " + " | ".join(head.get(c, c) for c in cols) + " |", "|" + "---|" * len(cols)]
+    lines += ["| " + " | ".join(cell(r, c) for c in cols) + " |" for r in rows]
     path.write_text("\n".join(lines) + "\n")

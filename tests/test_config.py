@@ -17,7 +17,8 @@ def _suite(tmp_path, text, name="s"):
 
 def test_expansion_overrides_and_canonical_runs():
     suite = load_suite("smoke", ["quant.act_bits=6"])
-    assert [r.name for r in suite.runs] == ["name=fp,weight_bits=8", "name=rtn,weight_bits=8", "name=rtn,weight_bits=4"]
+    # fp ignores the bits: its name does not carry them.
+    assert [r.name for r in suite.runs] == ["name=fp", "name=rtn,weight_bits=8", "name=rtn,weight_bits=4"]
     rtn = [r.config for r in suite.runs if r.config["method"]["name"] == "rtn"]
     assert all(c["quant"]["act_bits"] == 6 for c in rtn)
     # fp quantizes nothing: its quant section is the default whatever the matrix says, so fp x {8, 4} is one run.
@@ -119,7 +120,7 @@ def test_run_key_sees_the_order_of_bit_overrides(tmp_path):
     assert [r.run_key for r in plain] == [r.run_key for r in same]
     assert same[1].name == "name=rtn,weight_bits=8"
     assert [r.name for r in load_suite("smoke", ["quant.weight_bits=4"]).runs] == [
-        "name=fp,weight_bits=4",
+        "name=fp",
         "name=rtn,weight_bits=4",
     ]
 

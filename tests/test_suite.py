@@ -41,9 +41,9 @@ def test_smoke_suite_end_to_end(tmp_path):
     assert 1 < by_method[("rtn", "8")]["ratio_vs_bf16"] < by_method[("rtn", "4")]["ratio_vs_bf16"]
 
     summary = (results / "smoke" / "summary.md").read_text().splitlines()
-    assert summary[0].startswith("| method | bits | J&F |") and len(summary) == 5
+    assert summary[0].startswith("| method | bits | J&F (%) | J (%) | F (%) |") and len(summary) == 5
     fp_row = next(line for line in summary if line.startswith("| fp |"))
-    assert f"{by_method[('fp', '8')]['J_F-mean']:.3f}" in fp_row
+    assert f"| {100 * by_method[('fp', '8')]['J_F-mean']:.1f} |" in fp_row  # the report's unit
 
     # A second invocation finds every run FINISHED and records no new child run.
     second = qbench("suite", "smoke", *REDUCED, "--results", str(results))
