@@ -81,6 +81,9 @@ def test_suite_with_a_removed_jpeg_fails_before_any_run(data, tmp_path):
         line = one_line_error(*qbench("suite", suite(tmp_path, data), *dry, "--results", results)[::2])
         assert "data.eval" in line and f"{seq}/00003.jpg does not exist" in line
         assert not results.exists()  # nothing recorded, nothing prepared
+    (data / "ImageSets" / "2017" / "val.txt").rename(data / "ImageSets" / "2017" / "valid.txt")
+    line = one_line_error(*qbench("suite", suite(tmp_path, data), "--dry-run", "--results", tmp_path / "r")[::2])
+    assert "data.eval" in line and "val.txt does not exist; available splits: train, valid" in line
 
 
 def test_suite_checkpoint_errors_before_any_run(data, tmp_path):
