@@ -8,8 +8,9 @@ probabilities, then quantized uniformly with step alpha / Qp. alpha gets PACT's 
 learned thresholds add; the L2 penalty `alpha_l2` * sum(alpha^2) joins the training loss.
 alpha starts at the calibration max |x| (`alpha_init: max`) or a constant (the paper uses 10).
 
-Weights: per-output-channel min-max (the rtn baseline's quantizer, straight-through to the FP
-weights), not the paper's DoReFa weights, so that PACT differs from rtn only in its activations.
+Weights: per-output-channel min-max (the rtn baseline's scale, max|w| / Qp, straight-through to
+the FP weights), not the paper's DoReFa weights, so that PACT differs from rtn only in its
+activations.
 """
 
 import torch
@@ -17,7 +18,7 @@ from brevitas.nn import QuantIdentity
 from brevitas.quant import Int8ActPerTensorFloat, Int8WeightPerChannelFloat
 
 from harness.errors import ConfigError
-from harness.quant.learned import PactClip, PactIntQuant, pact_alphas
+from harness.quant.learned import LearnedIntQuant, PactClip, PactIntQuant, pact_alphas
 from methods.base import Method, register
 
 
@@ -35,7 +36,8 @@ class PACT(Method):
             raise ConfigError(f"method.alpha_l2: {self.params['alpha_l2']!r}; expected a number >= 0")
 
     def weight_quant(self, bits):
-        return Int8WeightPerChannelFloat.let(bit_width=bits)
+        # rtn's quantizer, through the fused fake-quant op (a QAT step calls it on every forward)
+        return Int8WeightPerChannelFloat.let(bit_width=bits, int_quant=LearnedIntQuant)
 
     def _act(self, bits, signed):
         return Int8ActPerTensorFloat.let(
