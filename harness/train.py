@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 from harness import models
 from harness.data.clips import ClipDataset, collate
 from harness.errors import NonFiniteError
+from harness.quant.swap import weights_once
 
 # SAM2's weights for focal, dice, IoU and object-score terms (sam2.1 training configs).
 LOSS_WEIGHTS = {"loss_mask": 20.0, "loss_dice": 1.0, "loss_iou": 1.0, "loss_class": 1.0}
@@ -249,7 +250,8 @@ def fit(
             before = _rng_state(view)
         feats, hook = _encoder_features(view)
         with _autocast(t["amp"], device):
-            outputs = net(inputs)
+            with weights_once(model):
+                outputs = net(inputs)
             hook.remove()
             losses = criterion(outputs, inputs.masks)
             terms = {k: losses[k] for k in LOSS_WEIGHTS}

@@ -40,40 +40,47 @@ def grad_scale(t: Tensor, g: float) -> Tensor:
     return (t - t * g).detach() + t * g
 
 
-def _codes(x: Tensor, scale: Tensor, zero_point: Tensor, lo: float, hi: float) -> tuple[Tensor, Tensor]:
-    v = x / scale
-    if zero_point.requires_grad or zero_point.numel() != 1 or float(zero_point) != 0:
-        v = v + zero_point
-    return v, torch.clamp(torch.round(v), lo, hi)
+def _flat_dot(a: Tensor, b: Tensor) -> Tensor:
+    return torch.dot(a.reshape(-1), b.reshape(-1).to(a.dtype))
 
 
 class _FakeQuant(torch.autograd.Function):
     """(clamp(round(x / s + z), Qn, Qp) - z) * s with the LSQ / LSQ+ gradients in closed form.
 
-    v = x / s + z, q the code. Strictly inside (Qn < v < Qp), rounding passed straight through:
-    d/dx = 1, d/ds = q - v, d/dz = 0; clipped: d/dx = 0, d/ds = q - z (LSQ's Qn or Qp when z = 0),
-    d/dz = -s. One fused pass each way: Brevitas's chain of a dozen elementwise ops and its
-    round-then-clamp (which counts v in [Qp, Qp + 0.5) as inside) made QAT steps 3x FP.
+    v = x / s + z, q the code. Inside the range, rounding passed straight through: d/dx = 1,
+    d/ds = q - v, d/dz = 0; clipped: d/dx = 0, d/ds = q - z (LSQ's Qn or Qp when z = 0), d/dz = -s.
+    "Inside" is clamp(v) == v: the paper's strict Qn < v < Qp but for v exactly on a bound. One
+    fused op each way, with as few passes over the tensor as the gradients allow: Brevitas's chain
+    of a dozen elementwise ops (and its round-then-clamp, which counts v in [Qp, Qp + 0.5) as
+    inside) made QAT steps 3x FP on the small model, where activations are wide and layers thin.
     """
 
     @staticmethod
     def forward(ctx, x, scale, zero_point, lo: float, hi: float):
-        v, q = _codes(x, scale, zero_point, lo, hi)
-        inside = (v > lo) & (v < hi)
+        v = x / scale
+        plain = not zero_point.requires_grad and zero_point.numel() == 1 and float(zero_point) == 0
+        if not plain:
+            v = v + zero_point
+        clamped = torch.clamp(v, lo, hi)
+        inside = clamped == v
+        q = torch.round(clamped)
         ctx.save_for_backward(v, q, inside, scale, zero_point)
-        return (q - zero_point) * scale
+        ctx.plain = plain
+        return q * scale if plain else (q - zero_point) * scale
 
     @staticmethod
     def backward(ctx, g):
         v, q, inside, scale, zero_point = ctx.saved_tensors
-        grad_x = grad_s = grad_z = None
-        if ctx.needs_input_grad[0]:
-            grad_x = g * inside
+        grad_x = g * inside
+        grad_s = grad_z = None
         if ctx.needs_input_grad[1]:
-            grad_s = (g * torch.where(inside, q - v, q - zero_point)).sum_to_size(scale.shape)
+            if scale.numel() == 1 and ctx.plain:  # sum g * q - sum (g inside) * v, no temporaries
+                grad_s = (_flat_dot(g, q) - _flat_dot(grad_x, v)).reshape(scale.shape)
+            else:
+                grad_s = (g * (q - zero_point) - grad_x * (v - zero_point)).sum_to_size(scale.shape)
         if ctx.needs_input_grad[2]:
-            grad_z = (g * ~inside * -scale).sum_to_size(zero_point.shape)
-        return grad_x, grad_s, grad_z, None, None
+            grad_z = ((grad_x - g) * scale).sum_to_size(zero_point.shape)
+        return grad_x if ctx.needs_input_grad[0] else None, grad_s, grad_z, None, None
 
 
 class _PactFakeQuant(torch.autograd.Function):
@@ -82,17 +89,17 @@ class _PactFakeQuant(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, alpha, scale, lo: float, hi: float, signed: bool):
-        v, q = _codes(x, scale, scale.new_zeros(()), lo, hi)
-        ctx.save_for_backward(v)
-        ctx.lo, ctx.hi, ctx.signed, ctx.alpha_shape = lo, hi, signed, alpha.shape
-        return q * scale
+        v = x / scale
+        clamped = torch.clamp(v, lo, hi)
+        ctx.save_for_backward(v - clamped)  # > 0 above alpha, < 0 below the lower bound, 0 inside
+        ctx.signed, ctx.alpha_shape = signed, alpha.shape
+        return torch.round(clamped) * scale
 
     @staticmethod
     def backward(ctx, g):
-        (v,) = ctx.saved_tensors
-        high, low = v >= ctx.hi, v <= ctx.lo
-        grad_alpha = (g * high).sum() - ((g * low).sum() if ctx.signed else 0)
-        return g * ~(high | low), grad_alpha.reshape(ctx.alpha_shape), None, None, None, None
+        (over,) = ctx.saved_tensors
+        side = torch.sign(over) if ctx.signed else over > 0
+        return g * (over == 0), _flat_dot(g, side).reshape(ctx.alpha_shape), None, None, None, None
 
 
 class LearnedIntQuant(IntQuant):

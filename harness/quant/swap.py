@@ -6,6 +6,8 @@ keeps every layer its own quantizer instances.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn as nn
 from brevitas.core.scaling.standalone import ParameterFromRuntimeStatsScaling
@@ -38,8 +40,13 @@ class _FastQuantLayer:
         if self.training or torch.is_grad_enabled():
             # QAT, reconstruction: the cached weight is detached, so quantize it with autograd on;
             # the values Brevitas's QuantTensor path gives, without its per-call bookkeeping.
-            w = self.quant_weight()
-            return self.inner_forward_impl(act_quant(self.input_quant, x), w.value if isinstance(w, QuantTensor) else w, self.bias)
+            w = self.__dict__.get("_forward_weight")
+            if w is None:
+                w = self.quant_weight()
+                w = w.value if isinstance(w, QuantTensor) else w
+                if self.__dict__.get("_share_weight"):
+                    self.__dict__["_forward_weight"] = w
+            return self.inner_forward_impl(act_quant(self.input_quant, x), w, self.bias)
         return self.inner_forward_impl(act_quant(self.input_quant, x), self._eval_weight(), self.bias)
 
     def _eval_weight(self) -> torch.Tensor:
@@ -99,6 +106,26 @@ def _quant_layer(module: nn.Module, weight_quant, act_quant) -> nn.Module:
             q.bias.copy_(module.bias)
     q.train(module.training)
     return q
+
+
+@contextlib.contextmanager
+def weights_once(model: nn.Module):
+    """Within the block, each quantized layer fake-quantizes its weight on first use and reuses it.
+
+    One training forward of SAM2 calls the decoder's layers once per frame and corrective click,
+    and re-quantizing the same weight each time was a large part of a QAT step. The weights do
+    not change inside a forward (the optimizer steps after backward), so this is exact; the
+    shared tensor stays in the autograd graph, and is dropped on exit.
+    """
+    layers = list(quant_layers(model).values())
+    for layer in layers:
+        layer.__dict__["_share_weight"] = True
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer.__dict__.pop("_share_weight", None)
+            layer.__dict__.pop("_forward_weight", None)
 
 
 def quantize(model: nn.Module, decisions: list[Decision], method) -> None:
