@@ -119,7 +119,9 @@ def bench_train_model(name, image_size, cases=TRAIN_CASES, rounds=3, batch=4, fr
                 times[label].append(step_s)
     fp_s = statistics.median(times["fp"])
     out = {"model": name, "image_size": fp.image_size, "batch": batch, "frames": frames, "fp_s": fp_s}
-    out["cases"] = {k: {"step_s": statistics.median(v), "ratio": statistics.median(v) / fp_s} for k, v in times.items() if k != "fp"}
+    out["cases"] = {
+        k: {"step_s": statistics.median(v), "ratio": statistics.median(v) / fp_s} for k, v in times.items() if k != "fp"
+    }
     return out
 
 

@@ -224,7 +224,9 @@ def parser() -> argparse.ArgumentParser:
         "W4A8 over one FP training step (sam2_small: 4 clips x 4 frames; sam2 models: 1 clip x 2 frames).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    s.add_argument("overrides", nargs="*", help="quant overrides for evaluation, e.g. quant.weight_bits=4 quant.act_bits=8")
+    s.add_argument(
+        "overrides", nargs="*", help="quant overrides for evaluation, e.g. quant.weight_bits=4 quant.act_bits=8"
+    )
     s.add_argument("--models", nargs="+", default=["sam2_small", "sam2.1_hiera_t"], help="model names")
     s.add_argument("--image-size", type=int, default=512, help="image size of the sam2 models (not sam2_small)")
     s.add_argument("--method", default="rtn", help="quantization method of the evaluation benchmark")

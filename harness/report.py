@@ -33,7 +33,7 @@ METRICS = {
     "ratio": ("ratio_vs_bf16", 1, 2, "compression vs BF16 (x)"),
 }
 LOWER_IS_BETTER = ("packed_bytes", "bf16_bytes", "bits_per_weight", "J-decay", "F-decay", "time_")
-FIGURES = ("ablation", "bits_vs_metric", "size_vs_metric")
+FIGURES = ("ablation", "bits_vs_metric", "size_vs_metric", "train_curve")
 # Fixed per method so that a method looks the same in every figure of every suite.
 COLOURS = {"fp": "black", "rtn": "#1f77b4", "lsq": "#ff7f0e", "pact": "#2ca02c", "qsam2": "#d62728"}
 COLOURS |= {"ptq4sam": "#9467bd", "mixqsam": "#8c564b"}
@@ -74,6 +74,10 @@ def report(suite: Suite, results_dir="results") -> dict[str, Path]:
     out.mkdir(parents=True, exist_ok=True)
     metric = _metric(table_spec["metric"], df, f"{where}.table.metric")
     written = write_table(df, params, table_spec["rows"], table_spec["cols"], metric, out, suite.name)
+    versions = out / "versions.md"
+    lines = [f"Versions, commit and device of the {len(df)} runs this report reads (from their records).", ""]
+    versions.write_text("\n".join([*lines, *(f"- {k}: {', '.join(v)}" for k, v in df.attrs["versions"].items())]) + "\n")
+    written["versions.md"] = versions
     for i, fig in enumerate(spec.get("figures") or []):
         written |= figure(df, params, fig, table_spec["metric"], out, f"{where}.figures[{i}]")
     return written
@@ -108,6 +112,11 @@ def load_runs(suite: Suite, results_dir) -> tuple[pd.DataFrame, list[str]]:
     params = list(dict.fromkeys(k for r in runs for k in r.data.params))
     df = pd.DataFrame([{**r.data.params, **r.data.metrics, "run_id": r.info.run_id} for r in runs])
     df.attrs["metrics"] = {k for r in runs for k in r.data.metrics}
+    df.attrs["tracking_uri"] = f"sqlite:///{db}"
+    df.attrs["versions"] = {
+        k: sorted({r.data.tags[k] for r in runs if k in r.data.tags})
+        for k in sorted({k for r in runs for k in r.data.tags if k.startswith(("version.", "git_commit", "device"))})
+    }
     for key in params:  # MLflow stores params as text; numbers must sort and plot as numbers
         try:
             df[key] = pd.to_numeric(df[key])
@@ -135,6 +144,19 @@ def _swept(df: pd.DataFrame, params: list[str], using=()) -> list[str]:
     parts = {p for k in using for p in DERIVED.get(k, ())}
     skip = parts | {k for k in DERIVED if k not in using}
     return [k for k in params if k not in skip and df[k].nunique() > 1]
+
+
+def _splitting(df: pd.DataFrame, params: list[str], by: list[str]) -> list[str]:
+    """Keys that tell apart runs which grouping by `by` would pool (seeds aside), in param order,
+    each only if the keys before it do not already: a method's training knobs or qkv_bits (set by
+    act_bits) do not split rows or lines; LSQ+ beside LSQ does."""
+    extra: list[str] = []
+    for key in params:
+        if key in by or key == "seed" or df.empty:
+            continue
+        if (df.groupby([*by, *extra], dropna=False, sort=False)[key].nunique(dropna=False) > 1).any():
+            extra.append(key)
+    return extra
 
 
 def _knobs(keys, values) -> list[str]:
@@ -179,7 +201,7 @@ def table_frame(df, params, rows: str, cols: str, metric) -> pd.DataFrame:
     """Long form: row, col, mean, std, n, delta_fp. The fp runs make the reference row, first."""
     fp = df["method.name"] == "fp"
     # fp's own params (e.g. the bits it ignores) do not split the quantized rows.
-    extra = [k for k in _swept(df[~fp], params, (rows, cols)) if k not in (rows, cols, "seed")]
+    extra = _splitting(df[~fp], params, [rows, cols])
     cells = _aggregate(df[~fp], [rows, *extra, cols], metric)
     cells["row"] = [", ".join([str(r[rows]), *_knobs(extra, [r[k] for k in extra])]) for _, r in cells.iterrows()]
     cells = cells.rename(columns={cols: "col"})[["row", "col", "mean", "std", "n"]]
@@ -274,9 +296,11 @@ def figure(df, params, fig_spec, default_metric: str, out: Path, where: str) -> 
     name = fig_spec.get("name")
     if name not in FIGURES:
         raise ConfigError(f"{where}: unknown figure {name!r}; expected one of {', '.join(FIGURES)}")
-    unknown = set(fig_spec) - {"name", "x", "metric"}
+    unknown = set(fig_spec) - {"name", "x", "metric", "runs"}
     if unknown:
-        raise ConfigError(f"{where}: unknown key {sorted(unknown)[0]!r}; expected name, x, metric")
+        raise ConfigError(f"{where}: unknown key {sorted(unknown)[0]!r}; expected name, x, metric, runs")
+    if name == "train_curve":
+        return _train_curve_figure(df, params, fig_spec, out, where)
     alias = fig_spec.get("metric", default_metric)
     metric = _metric(alias, df, f"{where}.metric")
     x = fig_spec.get("x", "quant.weight_bits" if name == "bits_vs_metric" else None)
@@ -316,6 +340,41 @@ def figure(df, params, fig_spec, default_metric: str, out: Path, where: str) -> 
     return paths
 
 
+def _train_curve_figure(df, params, spec: dict, out: Path, where: str) -> dict[str, Path]:
+    """The logged training curve (`metric`, default train/loss) of every training run that matches
+    `runs` ({dotted key: value}), one line per run, against the training step."""
+    metric = spec.get("metric", "train/loss")
+    runs = df[df["train_final_loss"].notna()] if "train_final_loss" in df else df.iloc[:0]
+    for key, value in (spec.get("runs") or {}).items():
+        _check_param(key, params, df, f"{where}.runs")
+        runs = runs[runs[key].astype(str) == str(value)]
+    if runs.empty:
+        raise ConfigError(f"{where}: no finished training run matches runs={spec.get('runs')}")
+    client = MlflowClient(df.attrs["tracking_uri"])
+    extra = _splitting(runs, params, ["method.name"])
+    stem = "train_curve_" + metric.replace("/", "-")
+    with plt.rc_context(STYLE):
+        fig, ax = plt.subplots(figsize=FIGSIZE, layout="constrained")
+        for i, (_, r) in enumerate(runs.iterrows()):
+            history = client.get_metric_history(r["run_id"], metric)
+            if not history:
+                raise ConfigError(f"{where}: run {r['run_id']} logged no {metric!r}")
+            steps, values = zip(*sorted((h.step, h.value) for h in history))
+            st = {**style(r["method.name"]), "marker": None}
+            label = _series_label((r["method.name"], *(r[k] for k in extra)), extra)
+            ax.plot(steps, values, label=label, lw=1.0, ls=["-", "--", ":", "-."][i % 4], **st)
+        ax.set_xlabel("training step")
+        ax.set_ylabel(metric)
+        ax.grid(True)
+        fig.legend(loc="outside upper center", ncols=2, frameon=False, fontsize=6)
+        paths = {}
+        for ext in ("png", "pdf"):
+            paths[f"{stem}.{ext}"] = out / f"{stem}.{ext}"
+            fig.savefig(paths[f"{stem}.{ext}"], dpi=DPI)
+        plt.close(fig)
+    return paths
+
+
 def _series_label(key, extra: list[str]) -> str:
     key = key if isinstance(key, tuple) else (key,)
     return ", ".join([str(key[0]), *_knobs(extra, key[1:])])
@@ -325,11 +384,12 @@ def _lines(ax, df, params, x: str, metric) -> None:
     """One line per method (and per other swept knob); fp as a dashed reference with its std band."""
     fp = df["method.name"] == "fp"
     quant = df[~fp & df[x].notna()]
-    extra = [k for k in _swept(quant, params, (x,)) if k not in (x, "seed", "method.name")]
+    extra = _splitting(quant, params, ["method.name", x])
     agg = _aggregate(quant, ["method.name", *extra, x], metric)
     styles = ["-", "--", ":", "-."]
-    for i, (key, s) in enumerate(agg.groupby(["method.name", *extra], sort=False)):
-        s = s.sort_values(x)
+    for i, (key, s) in enumerate(agg.groupby(["method.name", *extra], sort=False, dropna=False)):
+        # numbers in order; labels (W2A8, ...) in the suite's order, as the table's columns
+        s = s.sort_values(x) if pd.api.types.is_numeric_dtype(s[x]) else s
         xs = s[x] if pd.api.types.is_numeric_dtype(s[x]) else s[x].astype(str)
         st = style(str(key[0] if isinstance(key, tuple) else key))
         ax.errorbar(
@@ -350,7 +410,7 @@ def _lines(ax, df, params, x: str, metric) -> None:
             ax.axhspan(ref["mean"] - ref["std"], ref["mean"] + ref["std"], color="black", alpha=0.08, lw=0)
     if x == "quant.weight_bits":
         ax.invert_xaxis()  # 8 -> 2 bits left to right in every figure, as in the tables' columns
-    ax.set_xlabel("weight bits" if x == "quant.weight_bits" else x)
+    ax.set_xlabel({"quant.weight_bits": "weight bits", "quant.wa": "weight / activation bits"}.get(x, x))
 
 
 def _size_vs_metric(ax, df, params, metric) -> None:

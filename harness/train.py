@@ -230,7 +230,7 @@ def fit(
         start, history = state["step"], state["history"]
 
     # --- loop
-    metrics, last, last_step = {}, time.perf_counter(), start
+    metrics, running, last, last_step = {}, {}, time.perf_counter(), start
     bar = tqdm(
         range(start, steps),
         initial=start,
@@ -298,9 +298,13 @@ def fit(
             dist.all_reduce(reduced)
             values["loss"] = float(reduced) / world
         done = step + 1
+        for name, value in values.items():
+            running[name] = running.get(name, 0.0) + value
         if done % t["log_every"] == 0 or done == steps:
             now = time.perf_counter()
-            metrics = {f"train/{k}": v for k, v in values.items()}
+            # the mean over the steps since the last record: a curve, not every tenth sample
+            metrics = {f"train/{k}": v / (done - last_step) for k, v in running.items()}
+            running = {}
             metrics["train/lr"] = lr
             metrics["train/step_s"] = (now - last) / (done - last_step)
             last, last_step = now, done

@@ -241,6 +241,7 @@ matrix:
   method.name: [rtn, lsq]
 report:
   table: {rows: method.name, cols: quant.wa}
+  figures: [{name: train_curve, runs: {method.name: lsq}}]
 """
 
 
@@ -257,3 +258,4 @@ def test_short_lsq_w2a8_run_beats_rtn_w2a8(tmp_path):
     written = report(load_suite(str(path)), results)
     table = written["table.md"].read_text()
     assert "W2A8" in table and "W8A8" not in table
+    assert written["train_curve_train-loss.png"].stat().st_size > 0
