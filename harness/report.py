@@ -76,7 +76,8 @@ def report(suite: Suite, results_dir="results") -> dict[str, Path]:
     written = write_table(df, params, table_spec["rows"], table_spec["cols"], metric, out, suite.name)
     versions = out / "versions.md"
     lines = [f"Versions, commit and device of the {len(df)} runs this report reads (from their records).", ""]
-    versions.write_text("\n".join([*lines, *(f"- {k}: {', '.join(v)}" for k, v in df.attrs["versions"].items())]) + "\n")
+    lines += [f"- {k}: {', '.join(v)}" for k, v in df.attrs["versions"].items()]
+    versions.write_text("\n".join(lines) + "\n")
     written["versions.md"] = versions
     for i, fig in enumerate(spec.get("figures") or []):
         written |= figure(df, params, fig, table_spec["metric"], out, f"{where}.figures[{i}]")
