@@ -18,8 +18,8 @@ log = logging.getLogger("qbench")
 
 
 class _Lines:
-    def __init__(self, iterable, total, desc: str, unit: str):
-        self.iterable, self.desc, self.unit, self.n = iterable, desc, unit, 0
+    def __init__(self, iterable, total, desc: str, unit: str, initial: int = 0):
+        self.iterable, self.desc, self.unit, self.n, self.postfix = iterable, desc, unit, initial, ""
         self.total = len(iterable) if total is None and hasattr(iterable, "__len__") else total
         self.interval = float(os.environ.get("QBENCH_PROGRESS_INTERVAL", "30"))
         self.start = time.monotonic()
@@ -31,7 +31,11 @@ class _Lines:
         now = time.monotonic()
         if now - self.last >= self.interval:
             self.last = now
-            log.info("%s: %d/%s %s after %.0f s", self.desc, self.n, self.total or "?", self.unit, now - self.start)
+            done = f"{self.desc}: {self.n}/{self.total or '?'} {self.unit} after {now - self.start:.0f} s"
+            log.info("%s%s", done, self.postfix)
+
+    def set_postfix(self, refresh: bool = True, **values) -> None:
+        self.postfix = "".join(f", {k}={v}" for k, v in values.items())
 
     def __iter__(self):
         for item in self.iterable:
@@ -48,8 +52,10 @@ class _Lines:
         pass
 
 
-def progress(iterable=None, *, total: int | None = None, desc: str, unit: str, enabled: bool = True, leave=True):
-    """A tqdm-like bar (iterate over it, or `update(n)` it inside `with`)."""
+def progress(
+    iterable=None, *, total: int | None = None, desc: str, unit: str, enabled: bool = True, leave=True, initial=0
+):
+    """A tqdm-like bar (iterate over it, or `update(n)` it inside `with`; `set_postfix`)."""
     if not enabled or sys.stderr.isatty():
-        return tqdm(iterable, total=total, desc=desc, unit=unit, leave=leave, disable=not enabled)
-    return _Lines(iterable, total, desc, unit)
+        return tqdm(iterable, total=total, desc=desc, unit=unit, leave=leave, disable=not enabled, initial=initial)
+    return _Lines(iterable, total, desc, unit, initial)

@@ -25,11 +25,11 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
 from harness import models
 from harness.data.clips import ClipDataset, collate
 from harness.errors import NonFiniteError
+from harness.progress import progress as progress_bar
 from harness.quant.swap import weights_once
 
 # SAM2's weights for focal, dice, IoU and object-score terms (sam2.1 training configs).
@@ -231,13 +231,8 @@ def fit(
 
     # --- loop
     metrics, running, last, last_step = {}, {}, time.perf_counter(), start
-    bar = tqdm(
-        range(start, steps),
-        initial=start,
-        total=steps,
-        desc="train",
-        unit="step",
-        disable=None if progress and rank == 0 else True,
+    bar = progress_bar(
+        range(start, steps), initial=start, total=steps, desc="train", unit="step", enabled=progress and rank == 0
     )
     for step in bar:
         # The data position is the step: clip indices of this step, this rank's share of them.
