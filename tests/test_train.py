@@ -211,3 +211,21 @@ def test_a_missing_train_data_root_is_named_before_any_work(tmp_path):
     with pytest.raises(ConfigError, match=r"qat\.yaml: run base: train\.data\.root: /no/such/davis is not a folder"):
         run_suite(load_suite(str(suite)), tmp_path / "results")
     assert not (tmp_path / "results").exists()  # nothing recorded
+
+
+def test_progress_lines_and_interval_means_without_a_terminal(davis_root, caplog, monkeypatch):
+    # stderr is not a terminal under pytest: a log line per interval (0 s here) instead of a silent bar.
+    monkeypatch.setenv("QBENCH_PROGRESS_INTERVAL", "0")
+    cfg = config("train.steps=4", "train.batch_size=1", "train.frames=1", "train.log_every=2")
+    ds = DavisDataset(davis_root, split="train")
+    with caplog.at_level("INFO", logger="qbench"):
+        out = fit(small_model(), cfg, train_data(cfg, lambda d: ds))
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("train:")]
+    assert lines[0] == "train: 0/4 step"
+    assert [line.split(" after")[0] for line in lines[1:]] == [f"train: {i}/4 step" for i in (1, 2, 3, 4)]
+    assert "loss=" in lines[-1]
+    # each record is the mean of its interval's steps, not the last step's value
+    every = fit(small_model(), {**cfg, "train": {**cfg["train"], "log_every": 1}}, train_data(cfg, lambda d: ds))
+    per_step = [h["train/loss"] for h in every["history"]]
+    assert [h["step"] for h in out["history"]] == [2, 4]
+    assert [h["train/loss"] for h in out["history"]] == pytest.approx([sum(per_step[:2]) / 2, sum(per_step[2:]) / 2])
