@@ -333,11 +333,14 @@ def figure(df, params, fig_spec, default_metric: str, out: Path, where: str) -> 
             handlelength=1.8,
             columnspacing=1.0,
         )
-        paths = {}
-        for ext in ("png", "pdf"):
-            paths[f"{stem}.{ext}"] = out / f"{stem}.{ext}"
-            fig.savefig(paths[f"{stem}.{ext}"], dpi=DPI)
-        plt.close(fig)
+        return _save(fig, out, stem)
+
+
+def _save(fig, out: Path, stem: str) -> dict[str, Path]:
+    paths = {f"{stem}.{ext}": out / f"{stem}.{ext}" for ext in ("png", "pdf")}
+    for path in paths.values():
+        fig.savefig(path, dpi=DPI)
+    plt.close(fig)
     return paths
 
 
@@ -368,12 +371,7 @@ def _train_curve_figure(df, params, spec: dict, out: Path, where: str) -> dict[s
         ax.set_ylabel(metric)
         ax.grid(True)
         fig.legend(loc="outside upper center", ncols=2, frameon=False, fontsize=6)
-        paths = {}
-        for ext in ("png", "pdf"):
-            paths[f"{stem}.{ext}"] = out / f"{stem}.{ext}"
-            fig.savefig(paths[f"{stem}.{ext}"], dpi=DPI)
-        plt.close(fig)
-    return paths
+        return _save(fig, out, stem)
 
 
 def _series_label(key, extra: list[str]) -> str:

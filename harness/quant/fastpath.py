@@ -3,7 +3,8 @@
 Brevitas runs every activation quantizer through a chain of TorchScript modules with two
 `torch.where` clamps; at evaluation, with a calibrated and frozen scale, the same arithmetic is
 `(clamp(round(x / s + z), lo, hi) - z) * s`. Done directly, this removed most of the quantized
-model's slowdown on CPU (see `qbench bench`). Training, calibration, disabled quantizers and
+model's slowdown on CPU (see `qbench bench`). In training the proxy's own quantizer runs without
+the QuantTensor Brevitas wraps around its output. Calibration, disabled quantizers, export and
 non-default rounding keep Brevitas's path.
 """
 

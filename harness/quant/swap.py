@@ -22,13 +22,15 @@ from harness.quant.policy import Decision
 
 
 class _FastQuantLayer:
-    """Brevitas Quant* layer with two changes, both invisible in the outputs.
+    """Brevitas Quant* layer with three changes, all invisible in the outputs.
 
     SAM2's video predictor keeps memory features in bfloat16 even on CPU; plain nn layers accept
     them under autocast only, Brevitas layers never: inputs are cast to the weight's dtype first.
     In eval mode the fake-quantized weight depends only on the weight and its quantizer, so it is
     computed once and reused (Brevitas re-quantizes it at every call, which made quantized
-    evaluation several times slower than FP); it is recomputed when either changes. The input
+    evaluation several times slower than FP); it is recomputed when either changes. With autograd
+    on (QAT), the layer computes what Brevitas's QuantTensor path computes, without its per-call
+    bookkeeping, and inside `weights_once` quantizes its weight once per forward. The input
     quantizer takes the shortcut of harness.quant.fastpath.
     """
 
