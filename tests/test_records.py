@@ -79,23 +79,18 @@ def files(folder):
 
 def test_dry_run_writes_nothing(suite_file, tmp_path):
     results = tmp_path / "results"
-    proc = subprocess.run(
-        [sys.executable, "-m", "harness", "suite", suite_file, "--dry-run", "--results", results],
-        capture_output=True,
-        text=True,
-        env=ENV,
-    )
-    assert proc.returncode == 0, proc.stderr
+
+    def dry_run():
+        cmd = [sys.executable, "-m", "harness", "suite", suite_file, "--dry-run", "--results", results]
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=ENV)
+        assert proc.returncode == 0, proc.stderr
+        return proc
+
+    dry_run()
     assert not results.exists()
     Tracker(results, "other")  # a database from another suite
     before = files(results)
-    proc = subprocess.run(
-        [sys.executable, "-m", "harness", "suite", suite_file, "--dry-run", "--results", results],
-        capture_output=True,
-        text=True,
-        env=ENV,
-    )
-    assert proc.returncode == 0, proc.stderr
+    proc = dry_run()
     assert all(line.split()[1] == "pending" for line in proc.stdout.splitlines()[1:])
     assert files(results) == before  # no experiment, no claims folder
 
