@@ -126,7 +126,20 @@ def load_runs(suite: Suite, results_dir) -> tuple[pd.DataFrame, list[str]]:
     if {"quant.weight_bits", "quant.act_bits"} <= set(params):
         df["quant.wa"] = [f"W{w}A{a}" for w, a in zip(df["quant.weight_bits"], df["quant.act_bits"])]
         params.append("quant.wa")
+    if "method.vrc.enabled" in params or "method.lsc.weights" in params:
+        df["method.parts"] = [_parts(r) for r in df.to_dict("records")]
+        params.append("method.parts")
     return df, params
+
+
+def _parts(run: dict) -> str:
+    """A method with the Q-SAM2 parts it uses: "rtn + VRC", "qsam2 (VRC+LSC)", "qsam2 (min-max QAT)"."""
+    vrc = str(run.get("method.vrc.enabled")) == "True"  # absent (NaN) where VRC is off
+    if run["method.name"] != "qsam2":
+        return run["method.name"] + (" + VRC" if vrc else "")
+    lsc = [p for p, key in (("W", "method.lsc.weights"), ("A", "method.lsc.acts")) if str(run.get(key)) == "True"]
+    parts = (["VRC"] if vrc else []) + (["LSC"] if len(lsc) == 2 else [f"LSC-{p}" for p in lsc])
+    return f"qsam2 ({'+'.join(parts) or 'min-max QAT'})"
 
 
 def _check_param(key, params: list[str], df: pd.DataFrame, where: str) -> None:
@@ -136,7 +149,10 @@ def _check_param(key, params: list[str], df: pd.DataFrame, where: str) -> None:
 
 
 # Keys made of others (load_runs adds them): a table or figure that uses one does not split by its parts.
-DERIVED = {"quant.wa": ("quant.weight_bits", "quant.act_bits")}
+DERIVED = {
+    "quant.wa": ("quant.weight_bits", "quant.act_bits"),
+    "method.parts": ("method.name", "method.vrc.enabled", "method.lsc.weights", "method.lsc.acts"),
+}
 
 
 def _swept(df: pd.DataFrame, params: list[str], using=()) -> list[str]:

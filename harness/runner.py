@@ -80,6 +80,11 @@ def _log(metrics: dict, step: int | None = None) -> None:
         mlflow.log_metrics(metrics, step=step)
 
 
+def _artifact(name: str, text: str) -> None:
+    if mlflow.active_run() is not None:
+        mlflow.log_text(text, name)
+
+
 def context(cfg: dict, results_dir: Path, checkpoint_dir: Path | None = None) -> methods.Context:
     """The student of a run config and what its method's steps may ask for."""
     m = cfg["model"]
@@ -94,8 +99,12 @@ def context(cfg: dict, results_dir: Path, checkpoint_dir: Path | None = None) ->
             torch.manual_seed(cfg["seed"])
             return build().eval().requires_grad_(False)
 
-    def calib_feed(model):
-        return vos.run_frames(model, dataset(cfg, "calib", results_dir), cfg["data"]["calib"]["frames"])
+    def calib_feed(model, frames=None):
+        ds = dataset(cfg, "calib", results_dir)
+        done = vos.run_frames(model, ds, frames or cfg["data"]["calib"]["frames"])
+        if frames and done < frames:  # VRC's calib_images: a sweep value the data cannot give
+            raise ConfigError(f"method.vrc.calib_images: {frames}, but {ds.root} has only {done} {ds.split} frames")
+        return done
 
     torch.manual_seed(cfg["seed"])
     ctx = methods.Context(
@@ -105,6 +114,7 @@ def context(cfg: dict, results_dir: Path, checkpoint_dir: Path | None = None) ->
         make_teacher=make_teacher,
         calib_feed=calib_feed,
         log=_log,
+        artifact=_artifact,
         results_dir=results_dir,
         checkpoint_dir=checkpoint_dir,
     )

@@ -20,7 +20,7 @@ from brevitas.quant import Uint8ActPerTensorFloat
 
 from harness.errors import ConfigError
 from harness.quant import policy as quant_policy
-from harness.quant import swap
+from harness.quant import swap, vrc
 from harness.quant.attention import Log2Quant
 from harness.quant.policy import Decision, QuantPolicy
 from harness.quant.state import quantizer_parameters
@@ -32,6 +32,10 @@ def _no_log(metrics: dict, step: int | None = None) -> None:
     pass
 
 
+def _no_artifact(name: str, text: str) -> None:
+    pass
+
+
 @dataclass
 class Context:
     """What the steps of one run share. Fields a step does not need may stay None (bench, tests)."""
@@ -40,9 +44,11 @@ class Context:
     student: nn.Module
     policy: QuantPolicy
     make_teacher: Callable[[], nn.Module] | None = None
-    calib_feed: Callable[[nn.Module], object] | None = None  # runs the calibration frames through a model
+    # calib_feed(model, frames=None) runs the calibration frames (or the first `frames` of them) through a model
+    calib_feed: Callable[..., object] | None = None
     train: Callable[[Method], dict] | None = None  # the runner's training loop
     log: Callable[..., None] = _no_log  # log(metrics, step=None) to the run's record
+    artifact: Callable[[str, str], None] = _no_artifact  # artifact(file name, text) to the run's record
     results_dir: Path | None = None
     checkpoint_dir: Path | None = None  # where training checkpoints of this run go (resume)
     decisions: list[Decision] = field(default_factory=list)
@@ -81,7 +87,9 @@ class Method:
 
     The defaults are plain min-max PTQ of the policy as written; fp and rtn show them. Subclasses
     declare their parameters in `defaults`; a suite's `method` section sets them (unknown keys
-    are an error). Custom behaviour belongs in the quantizers (Brevitas scaling implementations),
+    are an error; a dict-valued default is merged key by key). A method with a `vrc` default takes
+    Q-SAM2's Variance-Reduced Calibration in front of its quantizers (`vrc: {enabled: true}`,
+    harness.quant.vrc). Custom behaviour belongs in the quantizers (Brevitas scaling implementations),
     so that every method runs through the same swapped layers, the eval fast path and export.
     """
 
@@ -96,6 +104,13 @@ class Method:
             expected = ", ".join(sorted(self.defaults)) or "no parameters"
             raise ConfigError(f"method.{unknown[0]}: unknown parameter for method {self.name!r}; expected {expected}")
         self.params = {**self.defaults, **params}
+        for key, default in self.defaults.items():
+            if isinstance(default, dict) and isinstance(params.get(key), dict):
+                self.params[key] = {**default, **params[key]}
+        if "vrc" in self.params:
+            self.params["vrc"] = vrc.check(self.params["vrc"])
+            if not self.params["vrc"]["enabled"]:
+                del self.params["vrc"]  # keep it out of run_key: runs without VRC stay what they were
 
     def weight_quant(self, bits: int):
         raise NotImplementedError
@@ -116,7 +131,19 @@ class Method:
         return ctx.decisions
 
     def quantize(self, ctx: Context) -> None:
+        if "vrc" in self.params:
+            self.refit(ctx)
         swap.quantize(ctx.student, ctx.decisions, self)
+
+    def refit(self, ctx: Context) -> list[dict]:
+        """VRC's re-fit of the FP student's linear layers, before the swap; logs what it did."""
+        if ctx.calib_feed is None:
+            raise ConfigError("method.vrc: VRC needs calibration data (this run has no calibration feed)")
+        bits = {d.name: d.weight_bits for d in ctx.decisions if d.quantize and d.weight_bits}
+        rows = vrc.refit(ctx.student, ctx.calib_feed, self.params["vrc"], bits, seed=ctx.cfg.get("seed", 0))
+        ctx.log(vrc.summary(rows))
+        ctx.artifact("vrc_layers.csv", vrc.table(rows))
+        return rows
 
     def calibrate(self, ctx: Context) -> None:
         """PTQ initialisation of the quantizers; default: Brevitas's calibration over the calibration feed."""

@@ -28,7 +28,7 @@ from methods.base import Method, register
 @register("lsq")
 class LSQ(Method):
     trains = True
-    defaults = {"plus": False, "step_init": "lsq"}
+    defaults = {"vrc": {}, "plus": False, "step_init": "lsq"}
 
     def __init__(self, **params):
         super().__init__(**params)

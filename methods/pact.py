@@ -18,14 +18,14 @@ from brevitas.nn import QuantIdentity
 from brevitas.quant import Int8ActPerTensorFloat, Int8WeightPerChannelFloat
 
 from harness.errors import ConfigError
-from harness.quant.learned import LearnedIntQuant, PactClip, PactIntQuant, pact_alphas
+from harness.quant.learned import ClipIntQuant, LearnedIntQuant, PactClip, pact_alphas
 from methods.base import Method, register
 
 
 @register("pact")
 class PACT(Method):
     trains = True
-    defaults = {"alpha_init": "max", "alpha_l2": 2e-4}
+    defaults = {"vrc": {}, "alpha_init": "max", "alpha_l2": 2e-4}
 
     def __init__(self, **params):
         super().__init__(**params)
@@ -46,7 +46,7 @@ class PACT(Method):
             narrow_range=signed,
             scaling_impl=PactClip,
             alpha_init=self.params["alpha_init"],
-            int_quant=PactIntQuant,
+            int_quant=ClipIntQuant,
         )
 
     def act_quant(self, bits):

@@ -14,7 +14,7 @@ from methods.base import Method, register
 
 @register("rtn")
 class RTN(Method):
-    defaults = {"act_stat": "max", "percentile": 99.999}
+    defaults = {"vrc": {}, "act_stat": "max", "percentile": 99.999}
 
     def __init__(self, **params):
         super().__init__(**params)

@@ -42,7 +42,7 @@ def calib_feed(tmp_path_factory):
         tmp_path_factory.mktemp("data") / "davis", sequences=2, frames=3, size=(96, 64), objects=(1, 1)
     )
     ds = DavisDataset(root, "train")
-    return lambda model: vos.run_frames(model, ds, 2)
+    return lambda model, frames=2: vos.run_frames(model, ds, frames)
 
 
 @pytest.mark.parametrize("name", sorted(methods.REGISTRY))

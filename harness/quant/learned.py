@@ -83,23 +83,32 @@ class _FakeQuant(torch.autograd.Function):
         return grad_x if ctx.needs_input_grad[0] else None, grad_s, grad_z, None, None
 
 
-class _PactFakeQuant(torch.autograd.Function):
-    """clamp(round(x / s), Qn, Qp) * s with s = alpha / Qp, and PACT's gradients: d/dx = 1 inside
-    and 0 clipped; d/dalpha = 1 where x >= alpha, -1 where x <= -alpha (signed), 0 inside."""
+class _ClipFakeQuant(torch.autograd.Function):
+    """round(clamp(x / s, Qn, Qp)) * s with s = c / Qp for a learned clip c (per tensor or per output
+    channel), and PACT's gradients: d/dx = 1 inside and 0 clipped; a clipped output is q * c / Qp,
+    so d/dc = q / Qp there (1 above c, Qn / Qp below the lower bound: -1 for PACT's symmetric
+    codes, 0 for unsigned ones) and 0 inside, with no LSQ-like inside term."""
 
     @staticmethod
-    def forward(ctx, x, alpha, scale, lo: float, hi: float, signed: bool):
+    def forward(ctx, x, clip, scale, lo: float, hi: float):
         v = x / scale
         clamped = torch.clamp(v, lo, hi)
-        ctx.save_for_backward(v - clamped)  # > 0 above alpha, < 0 below the lower bound, 0 inside
-        ctx.signed, ctx.alpha_shape = signed, alpha.shape
+        ctx.save_for_backward(v - clamped)  # > 0 above the range, < 0 below it, 0 inside
+        ctx.lo, ctx.hi, ctx.clip_shape = lo, hi, clip.shape
         return torch.round(clamped) * scale
 
     @staticmethod
     def backward(ctx, g):
         (over,) = ctx.saved_tensors
-        side = torch.sign(over) if ctx.signed else over > 0
-        return g * (over == 0), _flat_dot(g, side).reshape(ctx.alpha_shape), None, None, None, None
+        if ctx.lo == -ctx.hi:
+            side = torch.sign(over)
+        else:
+            side = (over > 0).to(g.dtype) + (over < 0).to(g.dtype) * (ctx.lo / ctx.hi)
+        if len(ctx.clip_shape) == 0 or ctx.clip_shape.numel() == 1:
+            grad_c = _flat_dot(g, side).reshape(ctx.clip_shape)
+        else:
+            grad_c = (g * side).sum_to_size(ctx.clip_shape)
+        return g * (over == 0), grad_c, None, None, None
 
 
 class LearnedIntQuant(IntQuant):
@@ -294,7 +303,7 @@ class LsqOffset(nn.Module):
 class PactClip(_CalibratedAct):
     """The learned clip alpha of PACT (Choi et al., 2018), per tensor; returns the step alpha / Qp.
 
-    The step is returned detached: PACT's gradient reaches alpha through `PactIntQuant` only, as
+    The step is returned detached: PACT's gradient reaches alpha through `ClipIntQuant` only, as
     1 where x >= alpha (-1 where x <= -alpha for signed inputs) and 0 inside the range. Initialized
     to max|x| over the calibration batches (`alpha_init: max`) or to a constant (the paper: 10).
     """
@@ -317,20 +326,25 @@ class PactClip(_CalibratedAct):
             return (self.stats["absmax"] / self.qp).clamp_min(EPS)
         return self.value.detach().clamp_min(EPS) / self.qp
 
+    def clip(self) -> Tensor | None:
+        return self.value if self.calibrated else None
 
-class PactIntQuant(LearnedIntQuant):
-    """LearnedIntQuant whose gradient reaches PACT's alpha (its quantizer's PactClip, injected)."""
 
-    def __init__(self, narrow_range: bool, signed: bool, input_view_impl: nn.Module, scaling_impl: PactClip):
+class ClipIntQuant(LearnedIntQuant):
+    """LearnedIntQuant whose gradient reaches a learned clip: its quantizer's scaling module (PACT's
+    PactClip, Q-SAM2's LSC clips; injected), whose `clip()` is the clip with its gradient, or None
+    while it has none to learn (uncalibrated)."""
+
+    def __init__(self, narrow_range: bool, signed: bool, input_view_impl: nn.Module, scaling_impl: nn.Module):
         super().__init__(narrow_range=narrow_range, signed=signed, input_view_impl=input_view_impl)
         self._clip = [scaling_impl]  # in a list: the clip module is registered once, in tensor_quant
 
     def forward(self, scale: Tensor, zero_point: Tensor, bit_width: Tensor, x: Tensor) -> Tensor:
-        clip = self._clip[0]
-        if not (torch.is_grad_enabled() and clip.value.requires_grad and clip.calibrated):
+        clip = self._clip[0].clip() if torch.is_grad_enabled() else None
+        if clip is None or not clip.requires_grad:
             return super().forward(scale, zero_point, bit_width, x)
         lo, hi = int_range(int(bit_width), self.signed, self.narrow_range)
-        return _PactFakeQuant.apply(self.input_view_impl(x), clip.value, scale, lo, hi, self.signed)
+        return _ClipFakeQuant.apply(self.input_view_impl(x), clip, scale, lo, hi)
 
 
 def pact_alphas(model: nn.Module) -> list[Tensor]:

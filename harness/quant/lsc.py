@@ -1,0 +1,113 @@
+"""Learnable Statistical Clipping (LSC) of Q-SAM2 (Farronato et al., "Q-SAM2: Accurate Quantization
+for Segment Anything Model 2", arXiv 2506.09782, 2025), as Brevitas scaling modules.
+
+Our reading of the paper (../shared/METHODS.md): the clip is c = alpha * sigma_hat, sigma_hat a
+running statistic of the tensor (`std`, `absmean` or `absmax`) updated at every training forward
+as sigma_hat_t = m * sigma_hat_{t-1} + (1 - m) * stat(x_t) (m = 0: the batch's own statistic),
+alpha learned through the clamp with PACT's gradient (harness.quant.learned.ClipIntQuant), step
+c / Qp. Weights: per output channel, initialized on the first forward from the layer's weight.
+Activations: per tensor, initialized from the calibration batches (sigma_hat: the batches' mean
+statistic). alpha starts where the clip equals the min-max range (`alpha_init: max`), or at a
+given multiple of sigma_hat. sigma_hat is a buffer: evaluation, checkpoints and the packed export
+use the last running value.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+from torch import Tensor
+
+from harness.quant.learned import EPS, _CalibratedAct, _reduce_dims, int_range
+
+STATISTICS = ("std", "absmean", "absmax")
+
+
+def statistic(x: Tensor, name: str, dims: list[int] | None = None) -> Tensor:
+    """The tensor's statistic over `dims` (None: all of it), kept dims for broadcasting."""
+    dims = list(range(x.dim())) if dims is None else dims
+    if name == "std":
+        return x.std(dims, keepdim=True, correction=0)
+    if name == "absmean":
+        return x.abs().mean(dims, keepdim=True)
+    return x.abs().amax(dims, keepdim=True)
+
+
+class _Lsc(nn.Module):
+    """What the weight and activation clips share: alpha, sigma_hat, the momentum update and the clip."""
+
+    def _setup(self, shape, bit_width, signed, narrow_range, momentum, stat, alpha_init):
+        self.qn, self.qp = int_range(bit_width, signed, narrow_range)
+        self.lsc_momentum, self.stat, self.alpha_init = float(momentum), stat, alpha_init
+        self.alpha = nn.Parameter(torch.ones(shape))
+        self.register_buffer("sigma", torch.ones(shape))
+
+    @torch.no_grad()
+    def _start(self, sigma: Tensor, absmax: Tensor) -> None:
+        sigma = sigma.reshape(self.sigma.shape).clamp_min(EPS)
+        self.sigma.copy_(sigma)
+        if self.alpha_init == "max":
+            self.alpha.copy_(absmax.reshape(sigma.shape) / sigma)
+        else:
+            self.alpha.fill_(float(self.alpha_init))
+
+    @torch.no_grad()
+    def update(self, x: Tensor, dims: list[int] | None = None) -> None:
+        """sigma_hat <- m * sigma_hat + (1 - m) * stat(x): one training batch."""
+        now = statistic(x.detach().float(), self.stat, dims).reshape(self.sigma.shape)
+        # A new tensor, not in place: the clips of earlier forwards of this step keep theirs for backward.
+        self.sigma = self.lsc_momentum * self.sigma + (1 - self.lsc_momentum) * now
+
+    def clip(self) -> Tensor | None:
+        return (self.alpha * self.sigma).clamp_min(EPS)
+
+    def step(self) -> Tensor:
+        return self.clip().detach() / self.qp
+
+
+class LscWeightClip(_Lsc):
+    """LSC clip of a layer's weight, per output channel (Q-SAM2, Farronato et al. 2025)."""
+
+    def __init__(self, scaling_shape, bit_width, signed, narrow_range, lsc_momentum, lsc_stat, lsc_alpha_init):
+        super().__init__()
+        self._setup(scaling_shape, bit_width, signed, narrow_range, lsc_momentum, lsc_stat, lsc_alpha_init)
+        self.register_buffer("initialized", torch.zeros((), dtype=torch.bool))
+
+    def forward(self, x: Tensor, threshold: Tensor | None = None) -> Tensor:
+        w = x.detach()
+        dims = _reduce_dims(self.alpha.shape, w.dim())
+        if not self.initialized:
+            self._start(statistic(w, self.stat, dims), w.abs().amax(dims, keepdim=True))
+            self.initialized.fill_(True)
+        elif self.training and torch.is_grad_enabled():
+            self.update(w, dims)
+        return self.step()
+
+
+class LscActClip(_CalibratedAct, _Lsc):
+    """LSC clip of an activation, per tensor (Q-SAM2, Farronato et al. 2025); calibrated like the
+    harness's other learned activation quantizers (Brevitas's calibration_mode)."""
+
+    def __init__(self, bit_width, signed, narrow_range, lsc_momentum, lsc_stat, lsc_alpha_init):
+        super().__init__()
+        self._setup((), bit_width, signed, narrow_range, lsc_momentum, lsc_stat, lsc_alpha_init)
+
+    def _collect(self, x: Tensor) -> None:
+        now = statistic(x.detach().float(), self.stat).reshape(())
+        super()._collect(x)
+        n = self.counter - 1
+        self.stats["stat"] = now if n == 0 else (self.stats["stat"] * n + now) / (n + 1)
+
+    def _init_from_stats(self) -> None:
+        self._start(self.stats["stat"], self.stats["absmax"])
+
+    def forward(self, x: Tensor, threshold: Tensor | None = None) -> Tensor:
+        if self._collecting():
+            self._collect(x)
+            return (self.stats["absmax"] / self.qp).clamp_min(EPS)
+        if self.training and torch.is_grad_enabled() and self.calibrated:
+            self.update(x)
+        return self.step()
+
+    def clip(self) -> Tensor | None:
+        return super().clip() if self.calibrated else None

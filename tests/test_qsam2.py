@@ -1,0 +1,200 @@
+"""Q-SAM2: VRC's closed-form re-fit and LSC's momentum-stabilized learned clips (methods/qsam2.py)."""
+
+import pytest
+import torch
+import torch.nn as nn
+from brevitas.graph.calibrate import calibration_mode
+from brevitas.nn import QuantIdentity
+
+import methods
+from harness import models, runner
+from harness.config import load_suite
+from harness.data import synthetic
+from harness.errors import ConfigError
+from harness.quant import swap, vrc
+from harness.quant.lsc import LscActClip, LscWeightClip
+from harness.quant.policy import Decision
+
+
+def _linear(d_in=12, d_out=5, seed=0):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(d_in, d_out))
+
+
+def _feed(inputs):
+    """A calibration feed over a list of per-image token matrices."""
+
+    def feed(model, frames):
+        for x in inputs[:frames]:
+            model(x)
+        return min(frames, len(inputs))
+
+    return feed
+
+
+def _refit(model, inputs, **params):
+    return vrc.refit(model, _feed(inputs), vrc.check({"enabled": True, "layers": "*", **params}), {"0": 2})
+
+
+def test_vrc_returns_w_unchanged_for_full_rank_inputs_and_rcond_0():
+    model = _linear()
+    w0, b0 = model[0].weight.detach().clone(), model[0].bias.detach().clone()
+    inputs = [torch.randn(200, 12) for _ in range(4)]
+    (row,) = _refit(model, inputs, rcond=0.0, calib_images=4)
+    assert row["rank"] == 12 and row["images"] == 4 and row["rows"] == 4 * (200 - 64)
+    assert torch.allclose(model[0].weight, w0, atol=1e-5)
+    assert torch.equal(model[0].bias, b0)
+    assert row["out_err"] < 1e-10 and row["std_after"] == pytest.approx(row["std_before"], rel=1e-5)
+
+
+def test_vrc_truncation_lowers_weight_variance_within_the_output_error_bound():
+    # Inputs with a decaying spectrum: the weak directions carry weight but little signal.
+    model = _linear(d_in=16, d_out=8)
+    basis = torch.linalg.qr(torch.randn(16, 16))[0]
+    spectrum = torch.logspace(0, -3, 16)
+    inputs = [torch.randn(300, 16) * spectrum @ basis.T for _ in range(3)]
+    w0 = model[0].weight.detach().double().clone()
+    rcond = 0.05
+    (row,) = _refit(model, inputs, rcond=rcond, calib_images=3, held_out=0)
+    w1 = model[0].weight.detach().double()
+    x = torch.cat(inputs).double()
+    assert 0 < row["rank"] < 16
+    assert row["std_after"] < 0.9 * row["std_before"] and w1.var() < w0.var()
+    # Dropping the singular directions below rcond * s_max moves X W^T by at most rcond * s_max * ||W||_F.
+    bound = rcond * torch.linalg.matrix_norm(x, ord=2) * torch.linalg.matrix_norm(w0)
+    assert torch.linalg.matrix_norm(x @ w1.T - x @ w0.T) <= bound
+    assert torch.linalg.matrix_norm(x @ w1.T - x @ w0.T) > 0
+
+
+def test_vrc_with_image_mean_rows_projects_w_onto_the_images():
+    model = _linear(d_in=10, d_out=4)
+    inputs = [torch.randn(50, 10) + torch.randn(10) for _ in range(3)]
+    w0 = model[0].weight.detach().double().clone()
+    (row,) = _refit(model, inputs, rows="image_mean", rcond=1e-6, calib_images=3, held_out=0)
+    means = torch.stack([x.double().mean(0) for x in inputs])  # 3 rows < 10 features
+    projector = torch.linalg.pinv(means) @ means
+    assert row["rank"] == 3 and row["rows"] == 3
+    assert torch.allclose(model[0].weight.double(), w0 @ projector, atol=1e-5)
+    assert row["maxabs_after"] <= row["maxabs_before"] and row["std_after"] < row["std_before"]
+
+
+def test_vrc_ridge_and_bias_refit_and_its_one_line_errors():
+    model = _linear()
+    inputs = [torch.randn(100, 12) for _ in range(2)]
+    w0 = model[0].weight.detach().clone()
+    (row,) = _refit(model, inputs, ridge=0.5, refit_bias=True, calib_images=2)
+    assert model[0].weight.norm() < w0.norm() and row["rank"] == 13
+    with pytest.raises(ConfigError, match=r"method\.vrc\.rows: 'pixels'; expected 'tokens' or 'image_mean'"):
+        vrc.check({"rows": "pixels"})
+    with pytest.raises(ConfigError, match=r"method\.vrc\.rcnd: unknown VRC setting"):
+        methods.get("qsam2", vrc={"rcnd": 0.1})
+    with pytest.raises(ConfigError, match=r"method\.vrc\.layers: 'mask_decoder\.\*' matches no Linear layer"):
+        _refit(model, inputs, layers="mask_decoder.*")
+
+
+def _lsc_identity(momentum, data):
+    quant = methods.get("qsam2", lsc={"momentum": momentum}).act_quant(4)
+    m = QuantIdentity(act_quant=quant, return_quant_tensor=False)
+    with torch.no_grad(), calibration_mode(m):
+        for batch in data:
+            m(batch)
+    clip = m.act_quant.fused_activation_quant_proxy.tensor_quant.scaling_impl
+    assert isinstance(clip, LscActClip)
+    return m.train(), clip
+
+
+@pytest.mark.parametrize("momentum", [0.0, 0.9])
+def test_lsc_running_statistic_follows_the_momentum_formula(momentum):
+    gen = torch.Generator().manual_seed(0)
+    calib = [torch.randn(500, generator=gen) * s for s in (1.0, 3.0)]
+    m, clip = _lsc_identity(momentum, calib)
+    sigma = (calib[0].std(correction=0) + calib[1].std(correction=0)) / 2  # the calibration batches' mean
+    assert clip.sigma.item() == pytest.approx(sigma.item(), rel=1e-5)
+    absmax = torch.cat(calib).abs().max()
+    assert (clip.alpha * clip.sigma).item() == pytest.approx(absmax.item(), rel=1e-5)  # starts at min-max
+    for scale in (0.5, 2.0, 4.0):
+        x = torch.randn(300, generator=gen) * scale
+        m(x)
+        sigma = momentum * sigma + (1 - momentum) * x.std(correction=0)
+        assert clip.sigma.item() == pytest.approx(sigma.item(), rel=1e-5)
+        if momentum == 0:
+            assert clip.sigma.item() == pytest.approx(x.std(correction=0).item(), rel=1e-5)
+    with torch.no_grad():
+        m.eval()(torch.randn(300) * 100)  # evaluation leaves the statistic alone
+    assert clip.sigma.item() == pytest.approx(sigma.item(), rel=1e-5)
+
+
+def test_lsc_alpha_receives_the_clipping_gradient():
+    m, clip = _lsc_identity(0.5, [torch.randn(500, generator=torch.Generator().manual_seed(1))])
+    with torch.no_grad():
+        clip.alpha.fill_(0.8)
+    x = torch.tensor([-3.0, 2.5, 0.9, 0.1, -0.4, 1.7, -1.2], requires_grad=True)
+    upstream = torch.tensor([0.3, -1.0, 2.0, 0.5, 1.5, 0.7, -0.2])
+    sigma = 0.5 * clip.sigma.item() + 0.5 * x.detach().std(correction=0).item()
+    out = m(x)
+    (out * upstream).sum().backward()
+    c = 0.8 * sigma
+    s = c / 7  # signed 4-bit, full range: codes -8..7, the clip c at the top code
+    v = x.detach() / s
+    above, below = v > 7, v < -8
+    assert above.any() and below.any() and not (above | below).all()
+    side = above.float() - below.float() * 8 / 7  # d out / d c: q / Qp where clipped
+    assert clip.alpha.grad.item() == pytest.approx((upstream * side).sum().item() * sigma, rel=1e-5)
+    assert torch.equal(x.grad, upstream * ~(above | below))
+    assert torch.allclose(out, torch.clamp(torch.round(v), -8, 7) * s, atol=1e-6)
+
+
+def test_lsc_weight_clip_per_channel_momentum_and_gradient():
+    model = _linear(d_in=8, d_out=3)
+    swap.quantize(model, [Decision("0", "Linear", 27, True, weight_bits=2, act_bits=8)], methods.get("qsam2"))
+    layer = model[0].train()
+    clip = layer.weight_quant.tensor_quant.scaling_impl
+    assert isinstance(clip, LscWeightClip)
+    w = layer.weight.detach().clone()
+    layer.quant_weight()  # the first call starts sigma at std(w) and the clip at max|w|, per channel
+    assert torch.allclose(clip.sigma.reshape(-1), w.std(1, correction=0))
+    assert torch.allclose((clip.alpha * clip.sigma).reshape(-1), w.abs().amax(1))
+    with torch.no_grad():
+        layer.weight.mul_(torch.tensor([[1.0], [2.0], [0.5]]))
+    wq = layer.quant_weight().value
+    expected = 0.9 * w.std(1, correction=0) + 0.1 * layer.weight.detach().std(1, correction=0)
+    assert torch.allclose(clip.sigma.reshape(-1), expected)
+    upstream = torch.randn(3, 8)
+    (wq * upstream).sum().backward()
+    c = (clip.alpha * clip.sigma).detach()
+    v = layer.weight.detach() / c  # 2-bit full range: codes -2..1, step c / 1
+    side = (v > 1).float() - 2 * (v < -2).float()
+    assert torch.allclose(clip.alpha.grad, (upstream * side).sum(1, keepdim=True) * clip.sigma, atol=1e-6)
+
+
+DAVIS_SUITES = {
+    "davis_2bit": 13,  # fp once, rtn / lsq / pact / qsam2 at W2A4, W2A8, W4A4
+    "davis_ablation_momentum": 4,
+    "davis_ablation_calib": 8,
+    "davis_ablation_parts": 7,
+}
+
+
+@pytest.fixture(scope="module")
+def davis_env(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("davis_env")
+    root = synthetic.generate(tmp / "DAVIS", sequences=4, frames=3, size=(96, 64), objects=(1, 1))
+    models.save_checkpoint(models.build("sam2_small", device="cpu"), tmp / "sam2_small.pt")
+    return {"SAM2_MODEL": "sam2_small", "SAM2_CHECKPOINT": str(tmp / "sam2_small.pt"), "DAVIS_ROOT": str(root)}
+
+
+@pytest.mark.parametrize("name", sorted(DAVIS_SUITES))
+def test_davis_suites_expand_and_validate_on_data_in_the_davis_layout(name, davis_env, monkeypatch, tmp_path):
+    for key, value in davis_env.items():
+        monkeypatch.setenv(key, value)
+    suite = load_suite(name)
+    assert len(suite.runs) == DAVIS_SUITES[name]
+    runner.preflight(suite, tmp_path)  # every model, checkpoint and dataset the runs name
+    for spec in suite.runs:
+        assert spec.config["data"]["eval"]["root"] == davis_env["DAVIS_ROOT"]
+        assert spec.config["model"]["checkpoint"] == davis_env["SAM2_CHECKPOINT"]
+    names = {s.config["method"]["name"] for s in suite.runs}
+    assert "qsam2" in names
+    monkeypatch.delenv("SAM2_CHECKPOINT")
+    with pytest.raises(ConfigError, match=rf"{name}.yaml: .*environment variable SAM2_CHECKPOINT is not set$"):
+        load_suite(name)
