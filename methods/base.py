@@ -110,7 +110,11 @@ class Method:
         if "vrc" in self.params:
             self.params["vrc"] = vrc.check(self.params["vrc"])
             if not self.params["vrc"]["enabled"]:
-                del self.params["vrc"]  # keep it out of run_key: runs without VRC stay what they were
+                # Off where it is off by default: out of run_key, so runs without VRC stay what they were.
+                if self.defaults["vrc"].get("enabled", False):
+                    self.params["vrc"] = {"enabled": False}
+                else:
+                    del self.params["vrc"]
 
     def weight_quant(self, bits: int):
         raise NotImplementedError
@@ -131,7 +135,7 @@ class Method:
         return ctx.decisions
 
     def quantize(self, ctx: Context) -> None:
-        if "vrc" in self.params:
+        if self.params.get("vrc", {}).get("enabled"):
             self.refit(ctx)
         swap.quantize(ctx.student, ctx.decisions, self)
 

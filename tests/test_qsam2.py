@@ -92,6 +92,18 @@ def test_vrc_ridge_and_bias_refit_and_its_one_line_errors():
         _refit(model, inputs, layers="mask_decoder.*")
 
 
+@pytest.mark.parametrize("name,on", [("qsam2", True), ("qsam2_vrc", True), ("rtn", False), ("lsq", False)])
+def test_vrc_switch_survives_the_round_trip_through_a_run_config(name, on):
+    for enabled in (True, False):
+        params = methods.get(name, vrc={"enabled": enabled}).params
+        again = methods.from_config({"name": name, **params})  # what a run builds from its canonical config
+        assert again.params.get("vrc", {}).get("enabled", False) is enabled
+        assert again.params == params
+    # A method's default: on for Q-SAM2's, off (and out of run_key) for the others.
+    assert methods.get(name).params.get("vrc", {}).get("enabled", False) is on
+    assert ("vrc" in methods.get(name, vrc={"enabled": False}).params) is on
+
+
 def _lsc_identity(momentum, data):
     quant = methods.get("qsam2", lsc={"momentum": momentum}).act_quant(4)
     m = QuantIdentity(act_quant=quant, return_quant_tensor=False)
