@@ -43,7 +43,7 @@ def _check_lsc(p) -> dict:
         "acts": (lambda v: isinstance(v, bool), "true or false"),
         "momentum": (lambda v: num(v) and 0 <= v < 1, "a number in [0, 1)"),
         "stat": (lambda v: v in STATISTICS, " or ".join(map(repr, STATISTICS))),
-        "alpha_init": (lambda v: v == "max" or (num(v) and v > 0), "'max' or a number > 0"),
+        "alpha_init": (lambda v: v in ("max", "mse") or (num(v) and v > 0), "'max', 'mse' or a number > 0"),
         "lr": (lambda v: v is None or (num(v) and v > 0), "null or a number > 0"),
     }
     for key, (ok, expected) in checks.items():

@@ -210,3 +210,25 @@ def test_davis_suites_expand_and_validate_on_data_in_the_davis_layout(name, davi
     monkeypatch.delenv("SAM2_CHECKPOINT")
     with pytest.raises(ConfigError, match=rf"{name}.yaml: .*environment variable SAM2_CHECKPOINT is not set$"):
         load_suite(name)
+
+
+def test_lsc_mse_initialization_picks_the_clip_with_the_least_error():
+    model = _linear(d_in=256, d_out=4)
+    swap.quantize(
+        model,
+        [Decision("0", "Linear", 1028, True, weight_bits=2, act_bits=8)],
+        methods.get("qsam2", lsc={"alpha_init": "mse"}),
+    )
+    layer = model[0]
+    w = layer.weight.detach()
+    layer.quant_weight()
+    clip = layer.weight_quant.tensor_quant.scaling_impl
+    c = (clip.alpha * clip.sigma).detach()
+
+    def err(c):  # 2-bit full range: codes -2..1, step c
+        return (torch.clamp(torch.round(w / c), -2, 1) * c - w).pow(2).mean(1, keepdim=True)
+
+    assert (c < w.abs().amax(1, keepdim=True)).all()
+    assert (err(c) <= err(w.abs().amax(1, keepdim=True))).all()
+    for f in (0.8, 1.25):  # a local minimum on the grid's scale
+        assert (err(c) <= err(c * f) + 1e-9).all()

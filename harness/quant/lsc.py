@@ -7,8 +7,9 @@ as sigma_hat_t = m * sigma_hat_{t-1} + (1 - m) * stat(x_t) (m = 0: the batch's o
 alpha learned through the clamp with PACT's gradient (harness.quant.learned.ClipIntQuant), step
 c / Qp. Weights: per output channel, initialized on the first forward from the layer's weight.
 Activations: per tensor, initialized from the calibration batches (sigma_hat: the batches' mean
-statistic). alpha starts where the clip equals the min-max range (`alpha_init: max`), or at a
-given multiple of sigma_hat. sigma_hat is a buffer: evaluation, checkpoints and the packed export
+statistic). alpha starts where the clip equals the min-max range (`alpha_init: max`), at the clip
+with the least squared quantization error (`mse`: per channel for weights, on sampled calibration
+values for activations), or at a given multiple of sigma_hat. sigma_hat is a buffer: evaluation, checkpoints and the packed export
 use the last running value.
 """
 
@@ -21,6 +22,22 @@ from torch import Tensor
 from harness.quant.learned import EPS, _CalibratedAct, _reduce_dims, int_range
 
 STATISTICS = ("std", "absmean", "absmax")
+MSE_GRID = 40  # clip candidates f * max|x|, f in (0, 1]
+
+
+@torch.no_grad()
+def mse_clip(x: Tensor, absmax: Tensor, qn: float, qp: float, dims: list[int] | None = None) -> Tensor:
+    """The clip c in {f * max|x|} whose quantizer (step c / Qp, codes Qn..Qp) has the least mean
+    squared error on x, over `dims` (None: the whole tensor; else one clip per kept index)."""
+    dims = list(range(x.dim())) if dims is None else dims
+    best, best_err = absmax.clone(), torch.full_like(absmax, float("inf"))
+    for f in torch.linspace(1.0 / MSE_GRID, 1.0, MSE_GRID).tolist():
+        c = (absmax * f).clamp_min(EPS)
+        s = c / qp
+        err = (torch.clamp(torch.round(x / s), qn, qp) * s - x).pow(2).mean(dims, keepdim=True)
+        better = err < best_err
+        best, best_err = torch.where(better, c, best), torch.where(better, err, best_err)
+    return best
 
 
 def statistic(x: Tensor, name: str, dims: list[int] | None = None) -> Tensor:
@@ -43,11 +60,15 @@ class _Lsc(nn.Module):
         self.register_buffer("sigma", torch.ones(shape))
 
     @torch.no_grad()
-    def _start(self, sigma: Tensor, absmax: Tensor) -> None:
+    def _start(self, sigma: Tensor, absmax: Tensor, x: Tensor, dims: list[int] | None = None) -> None:
+        """sigma_hat from the first statistic; alpha so that the clip is max|x|, the MSE-best clip on
+        x (a per-channel weight, or sampled calibration values), or a given multiple of sigma_hat."""
         sigma = sigma.reshape(self.sigma.shape).clamp_min(EPS)
         self.sigma.copy_(sigma)
         if self.alpha_init == "max":
             self.alpha.copy_(absmax.reshape(sigma.shape) / sigma)
+        elif self.alpha_init == "mse":
+            self.alpha.copy_(mse_clip(x, absmax, self.qn, self.qp, dims).reshape(sigma.shape) / sigma)
         else:
             self.alpha.fill_(float(self.alpha_init))
 
@@ -77,7 +98,7 @@ class LscWeightClip(_Lsc):
         w = x.detach()
         dims = _reduce_dims(self.alpha.shape, w.dim())
         if not self.initialized:
-            self._start(statistic(w, self.stat, dims), w.abs().amax(dims, keepdim=True))
+            self._start(statistic(w, self.stat, dims), w.abs().amax(dims, keepdim=True), w, dims)
             self.initialized.fill_(True)
         elif self.training and torch.is_grad_enabled():
             self.update(w, dims)
@@ -91,6 +112,7 @@ class LscActClip(_CalibratedAct, _Lsc):
     def __init__(self, bit_width, signed, narrow_range, lsc_momentum, lsc_stat, lsc_alpha_init):
         super().__init__()
         self._setup((), bit_width, signed, narrow_range, lsc_momentum, lsc_stat, lsc_alpha_init)
+        self.wants_samples = lsc_alpha_init == "mse"
 
     def _collect(self, x: Tensor) -> None:
         now = statistic(x.detach().float(), self.stat).reshape(())
@@ -99,7 +121,8 @@ class LscActClip(_CalibratedAct, _Lsc):
         self.stats["stat"] = now if n == 0 else (self.stats["stat"] * n + now) / (n + 1)
 
     def _init_from_stats(self) -> None:
-        self._start(self.stats["stat"], self.stats["absmax"])
+        samples = torch.cat(self.samples) if self.samples else torch.zeros(1)
+        self._start(self.stats["stat"], self.stats["absmax"], samples)
 
     def forward(self, x: Tensor, threshold: Tensor | None = None) -> Tensor:
         if self._collecting():
