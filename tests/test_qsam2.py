@@ -14,6 +14,7 @@ from harness.errors import ConfigError
 from harness.quant import swap, vrc
 from harness.quant.lsc import LscActClip, LscWeightClip
 from harness.quant.policy import Decision
+from harness.report import _parts as report_parts
 
 
 def _linear(d_in=12, d_out=5, seed=0):
@@ -232,3 +233,22 @@ def test_lsc_mse_initialization_picks_the_clip_with_the_least_error():
     assert (err(c) <= err(w.abs().amax(1, keepdim=True))).all()
     for f in (0.8, 1.25):  # a local minimum on the grid's scale
         assert (err(c) <= err(c * f) + 1e-9).all()
+
+
+def test_report_names_the_parts_each_run_uses():
+    nan = float("nan")  # MLflow params a run does not have
+    on, off = {"method.lsc.weights": "True", "method.lsc.acts": "True"}, {"method.lsc.weights": "False"}
+    cases = [
+        ({"method.name": "rtn", "method.vrc.enabled": nan}, "rtn"),
+        ({"method.name": "rtn", "method.vrc.enabled": "True"}, "rtn + VRC"),
+        ({"method.name": "qsam2", "method.vrc.enabled": "True", **on}, "qsam2 (VRC+LSC)"),
+        ({"method.name": "qsam2", "method.vrc.enabled": "False", **on}, "qsam2 (LSC)"),
+        ({"method.name": "qsam2", "method.vrc.enabled": "True", **off, "method.lsc.acts": "False"}, "qsam2 (VRC)"),
+        ({"method.name": "qsam2", "method.vrc.enabled": "False", **off, "method.lsc.acts": "True"}, "qsam2 (LSC-A)"),
+        (
+            {"method.name": "qsam2", "method.vrc.enabled": "False", **off, "method.lsc.acts": "False"},
+            "qsam2 (min-max QAT)",
+        ),
+    ]
+    for run, label in cases:
+        assert report_parts(run) == label

@@ -76,11 +76,12 @@ class _Lsc(nn.Module):
     def update(self, x: Tensor, dims: list[int] | None = None) -> None:
         """sigma_hat <- m * sigma_hat + (1 - m) * stat(x): one training batch."""
         now = statistic(x.detach().float(), self.stat, dims).reshape(self.sigma.shape)
-        # A new tensor, not in place: the clips of earlier forwards of this step keep theirs for backward.
-        self.sigma = self.lsc_momentum * self.sigma + (1 - self.lsc_momentum) * now
+        self.sigma.mul_(self.lsc_momentum).add_((1 - self.lsc_momentum) * now)
 
     def clip(self) -> Tensor | None:
-        return (self.alpha * self.sigma).clamp_min(EPS)
+        # A copy of sigma_hat: the backward of this forward needs today's value, and the buffer is
+        # updated in place (DDP broadcasts buffers by identity) by the forwards that follow.
+        return (self.alpha * self.sigma.clone()).clamp_min(EPS)
 
     def step(self) -> Tensor:
         return self.clip().detach() / self.qp
