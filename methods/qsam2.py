@@ -24,7 +24,7 @@ from harness.quant.lsc import STATISTICS, LscActClip, LscWeightClip
 from methods.base import Method, register
 from methods.rtn import RTN
 
-LSC_DEFAULTS = {"weights": True, "acts": True, "momentum": 0.9, "stat": "std", "alpha_init": "max", "lr": None}
+LSC_DEFAULTS = {"weights": True, "acts": True, "momentum": 0.9, "stat": "std", "alpha_init": "mse", "lr": None}
 
 
 def _check_lsc(p) -> dict:
