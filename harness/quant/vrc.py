@@ -76,9 +76,8 @@ class _Layer:
 
     def __init__(self, module: nn.Linear, params: dict, gen: torch.Generator):
         self.module, self.p, self.gen = module, params, gen
-        d = module.in_features + (1 if params["refit_bias"] else 0)
-        self.xtx = torch.zeros(d, d, dtype=torch.float64)
-        self.xty = torch.zeros(d, module.out_features, dtype=torch.float64)
+        self.d = module.in_features + (1 if params["refit_bias"] else 0)
+        self.xtx = self.xty = None  # on the layer's device (a GPU's float64 beats the CPU's)
         self.rows, self.calls = 0, 0
         self.held_x: list[Tensor] = []
         self.held_y: list[Tensor] = []
@@ -87,23 +86,26 @@ class _Layer:
         if self.calls >= self.p["calib_images"]:
             return
         self.calls += 1
-        x = x.detach().reshape(-1, x.shape[-1]).double().cpu()
-        y = y.detach().reshape(-1, y.shape[-1]).double().cpu()
-        order = torch.randperm(len(x), generator=self.gen)
+        x = x.detach().reshape(-1, x.shape[-1]).double()
+        y = y.detach().reshape(-1, y.shape[-1]).double()
+        order = torch.randperm(len(x), generator=self.gen).to(x.device)
         held = order[: min(self.p["held_out"], len(x) // 2)]
         fit = order[len(held) :]
         if self.p["token_subsample"]:
             fit = fit[: self.p["token_subsample"]]
-        self.held_x.append(x[held])
-        self.held_y.append(y[held])
+        self.held_x.append(x[held].cpu())
+        self.held_y.append(y[held].cpu())
         if self.p["rows"] == "image_mean":
             x, y = x[fit].mean(0, keepdim=True), y[fit].mean(0, keepdim=True)
         else:
             x, y = x[fit], y[fit]
         if not self.p["refit_bias"] and self.module.bias is not None:
-            y = y - self.module.bias.detach().double().cpu()
+            y = y - self.module.bias.detach().double()
         if self.p["refit_bias"]:
             x = torch.cat([x, x.new_ones(len(x), 1)], 1)
+        if self.xtx is None:
+            self.xtx = x.new_zeros(self.d, self.d)
+            self.xty = x.new_zeros(self.d, y.shape[1])
         self.xtx += x.T @ x
         self.xty += x.T @ y
         self.rows += len(x)
@@ -113,7 +115,7 @@ class _Layer:
         p = self.p
         if p["ridge"] > 0:  # relative to the mean diagonal of X^T X, so one value fits any number of rows
             lam = p["ridge"] * self.xtx.diagonal().mean()
-            eye = torch.eye(len(self.xtx), dtype=self.xtx.dtype)
+            eye = torch.eye(len(self.xtx), dtype=self.xtx.dtype, device=self.xtx.device)
             wt, rank = torch.linalg.solve(self.xtx + lam * eye, self.xty), len(self.xtx)
         else:
             evals, evecs = torch.linalg.eigh(self.xtx)
@@ -122,7 +124,7 @@ class _Layer:
             keep = evals > floor
             v = evecs[:, keep]
             wt, rank = v @ ((v.T @ self.xty) / evals[keep, None]), int(keep.sum())
-        w = wt.T
+        w = wt.T.cpu()
         if p["refit_bias"]:
             return w[:, :-1], w[:, -1], rank
         return w, None, rank
