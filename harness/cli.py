@@ -220,8 +220,8 @@ def parser() -> argparse.ArgumentParser:
         "bench",
         help="time of the fake-quantized model over FP, in one run: evaluation, or a QAT step (--train)",
         description="Evaluation (default): median time of the image path and of one video tracking step, "
-        "quantized by --method over FP. --train: median time of one training step of LSQ W4A4 and PACT "
-        "W4A8 over one FP training step (sam2_small: 4 clips x 4 frames; sam2 models: 1 clip x 2 frames).",
+        "quantized by --method over FP. --train: median time of one training step of LSQ W4A4, PACT W4A8 and "
+        "Q-SAM2 W2A8 over one FP training step (sam2_small: 4 clips x 4 frames; sam2 models: 1 clip x 2 frames).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     s.add_argument(

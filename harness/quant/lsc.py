@@ -9,8 +9,8 @@ c / Qp. Weights: per output channel, initialized on the first forward from the l
 Activations: per tensor, initialized from the calibration batches (sigma_hat: the batches' mean
 statistic). alpha starts where the clip equals the min-max range (`alpha_init: max`), at the clip
 with the least squared quantization error (`mse`: per channel for weights, on sampled calibration
-values for activations), or at a given multiple of sigma_hat. sigma_hat is a buffer: evaluation, checkpoints and the packed export
-use the last running value.
+values for activations), or at a given multiple of sigma_hat. sigma_hat is a buffer: evaluation,
+checkpoints and the packed export use the last running value.
 """
 
 from __future__ import annotations
