@@ -93,7 +93,6 @@ def run(policy: QuantPolicy, model_list=DEFAULT_MODELS, repeats=5, method="rtn")
 TRAIN_CASES = [("lsq", 4, 4), ("pact", 4, 8), ("qsam2", 2, 8)]
 
 
-
 def bench_train_model(name, image_size, cases=TRAIN_CASES, rounds=3, batch=4, frames=4) -> dict:
     """Median time of one training step per case and of one FP step, in alternating rounds."""
     overrides = [f"model.name={name}", "method.name=lsq", "train.steps=2", "train.log_every=1"]

@@ -79,7 +79,10 @@ def test_env_interpolation(tmp_path, monkeypatch):
             "base:\n  method: {name: rtn, act_sat: max}\n",
             r"method.act_sat: not a parameter of any method; did you mean 'method.act_stat'\?",
         ),
-        ("base:\n  method: {name: gptq}\n", r"method.name: unknown method 'gptq'; expected one of fp, lsq, pact, qsam2, qsam2_vrc, rtn"),
+        (
+            "base:\n  method: {name: gptq}\n",
+            r"method.name: unknown method 'gptq'; expected one of fp, lsq, pact, qsam2, qsam2_vrc, rtn",
+        ),
         (
             "matrix: {quant.weight_bit: [2, 4]}\n",
             r"run weight_bit=2: unknown key 'quant.weight_bit'; did you mean 'quant.weight_bits'\?",
