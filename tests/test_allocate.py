@@ -39,13 +39,11 @@ def test_the_solver_equals_brute_force_on_small_chains(seed):
 
 def test_importance_buys_bits_and_synergy_keeps_neighbours_together():
     params, macs = np.full(4, 1000.0), np.full(4, 1000.0)
-    # Equal layers, budget for an average of 4 bits: the important layer gets more.
     # Equal layers, budgets for an average of 4 bits (no lower bound on their use): the important
     # layer gets more bits; at least 95% of each used, four equal layers can only take 4 bits each.
     a = allocate.solve([1.0, 0.1, 0.1, 0.1], params, macs, [0.0] * 3, [2, 3, 4, 5, 6], target=4, penalty=0.0, lo=0.0)
     assert a.bits == [6, 3, 3, 3]
     assert allocate.solve([1.0, 0.1, 0.1, 0.1], params, macs, [0.0] * 3, [2, 3, 4, 5, 6], target=4).bits == [4] * 4
-    assert a.bits[0] == max(a.bits) > min(a.bits)
     # A large synergy penalty on every pair: all layers take one width.
     b = allocate.solve([1.0, 0.1, 0.1, 0.1], params, macs, [100.0] * 3, [2, 3, 4, 5, 6], target=4, lo=0.0)
     assert b.bits == [4] * 4
