@@ -1,0 +1,28 @@
+"""PTQ4SAM's adaptive-granularity log2 quantizer (harness/quant/agq.py)."""
+
+import pytest
+import torch
+
+from harness.quant import agq
+
+
+def test_log2_levels_by_hand():
+    x = torch.tensor([1.0, 0.5, 0.3, 0.25, 2.0**-8, 0.0])
+    # tau 1, 3 bits: levels 1, 1/2, ..., 2^-7; 0.3 -> round(1.74) = 2 -> 0.25; 2^-8 is past the range.
+    assert agq.log2_quantize(x, 1.0, 1, 3).tolist() == [1.0, 0.5, 0.25, 0.25, 0.0, 0.0]
+    # tau 2: levels 2^(-k/2); 0.3 -> round(3.47) = 3 -> 2^-1.5
+    assert agq.log2_quantize(x, 1.0, 2, 3)[2].item() == pytest.approx(2**-1.5)
+
+
+def test_search_picks_the_granularity_and_scale_with_the_least_output_error():
+    # Attention rows whose probabilities sit at 2^(-k/4) * 0.8: exactly on tau 4's levels with s = 0.8,
+    # between the levels of tau 1 and 2 for every scale of the grid but that one.
+    k = torch.tensor([0, 1, 3, 5, 2, 7, 6, 4], dtype=torch.float32)
+    probs = [(0.8 * 2 ** (-k / 4)).reshape(2, 4)]
+    values = [torch.randn(4, 3, generator=torch.Generator().manual_seed(0))]
+    tau, scale, err = agq.search(probs, values, bits=4, grid=8)
+    assert tau == 4 and scale == pytest.approx(0.8) and err < 1e-10
+    # Each other tau's best error on the same grid is larger.
+    for other in (1, 2):
+        t, _, e = agq.search(probs, values, bits=4, taus=(other,), grid=8)
+        assert t == other and e > 1e-4
