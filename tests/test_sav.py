@@ -8,6 +8,7 @@ import shutil
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from harness import models
@@ -56,6 +57,16 @@ def one_line(exc_info, *parts):
 def generated(tmp_path_factory):
     # 17 frames: annotated 0, 4, 8, 12, 16, of which 4, 8 and 12 are scored.
     return data.generate(tmp_path_factory.mktemp("sav") / "sav", videos=2, frames=17, size=(128, 96), seed=1)
+
+
+@pytest.fixture()
+def one_thread():
+    # conftest asks for 2 threads; on a busy 2-core machine this tiny model then runs ~50x slower
+    # (threads waiting on each other) than on one.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture()
@@ -249,7 +260,7 @@ def test_bad_root_and_split(tmp_path):
     one_line(err, root / data.ANNOTATIONS)
 
 
-def test_evaluate_with_the_embedded_model(generated, tmp_path):
+def test_evaluate_with_the_embedded_model(generated, tmp_path, one_thread):
     model = models.build("sam2_small", device="cpu")
     ds = data.SavDataset(generated)
     per_object, summary = sav.evaluate(model, ds, save_dir=tmp_path / "pred", progress=False)
@@ -265,7 +276,7 @@ def test_evaluate_with_the_embedded_model(generated, tmp_path):
     assert rescored.equals(per_object)
 
 
-def test_object_absent_on_the_prompt_frame_is_tracked_from_an_empty_prompt(tmp_path):
+def test_object_absent_on_the_prompt_frame_is_tracked_from_an_empty_prompt(tmp_path, one_thread):
     # SAM2's SA-V recipe prompts every object folder on the first annotated frame, an empty mask included.
     later = {t: box(30, 40, 40, 55) if t else np.zeros(SHAPE, dtype=bool) for t in range(0, 9, 4)}
     root = write_video(tmp_path / "sav", "v", {"000": {t: box(5, 25, 5, 30) for t in (0, 4, 8)}, "001": later}, 9)
