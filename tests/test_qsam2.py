@@ -184,7 +184,7 @@ DAVIS_SUITES = {
     "davis_2bit": 13,  # fp once, rtn / lsq / pact / qsam2 at W2A4, W2A8, W4A4
     "davis_ablation_momentum": 4,
     "davis_ablation_calib": 8,
-    "davis_ablation_parts": 7,
+    "davis_ablation_parts": 11,
 }
 
 
