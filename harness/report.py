@@ -19,7 +19,8 @@ import pandas as pd  # noqa: E402
 from mlflow.tracking import MlflowClient  # noqa: E402
 
 from harness.config import Suite, load_suite  # noqa: E402
-from harness.errors import ConfigError  # noqa: E402
+from harness.errors import ConfigError
+from harness.evaluate import registry as evaluators  # noqa: E402
 
 log = logging.getLogger("qbench")
 
@@ -28,6 +29,10 @@ METRICS = {
     "jf": ("J_F-mean", 100, 1, "J&F (%)"),
     "j": ("J-mean", 100, 1, "J (%)"),
     "f": ("F-mean", 100, 1, "F (%)"),
+    "miou": ("mIoU", 100, 1, "mIoU (%)"),
+    "ap": ("AP", 100, 1, "mask AP (%)"),
+    "ap50": ("AP50", 100, 1, "mask AP50 (%)"),
+    "ap75": ("AP75", 100, 1, "mask AP75 (%)"),
     "fps": ("fps", 1, 2, "frames/s"),
     "size": ("packed_bytes", 1e-6, 2, "packed size (MB)"),
     "ratio": ("ratio_vs_bf16", 1, 2, "compression vs BF16 (x)"),
@@ -67,7 +72,9 @@ def report(suite: Suite, results_dir="results") -> dict[str, Path]:
     df, params = load_runs(suite, results_dir)
     where = f"{suite.path}: report"
     spec = suite.report or {}
-    table_spec = {"rows": "method.name", "cols": "quant.weight_bits", "metric": "jf", **(spec.get("table") or {})}
+    table_spec = {"rows": "method.name", "cols": "quant.weight_bits", **(spec.get("table") or {})}
+    if table_spec.get("metric") is None:
+        table_spec["metric"] = evaluators.get(suite.runs[0].config["data"]["eval"]["kind"]).main
     for key in ("rows", "cols"):
         _check_param(table_spec[key], params, df, f"{where}.table.{key}")
     out = Path(results_dir) / suite.name
