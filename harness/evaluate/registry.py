@@ -147,12 +147,11 @@ def _coco_load(cfg: dict, name: str, d: dict, results_dir: Path):
         s = cfg["data"]["synthetic"]
         size = synthetic.parse_size(s["size"])
         generated(root, lambda r: coco.generate(r, images=s["sequences"], size=size, seed=s["seed"]))
-        annotations, images = coco.paths(root)
-    else:  # the COCO 2017 layout: annotations/instances_<split>.json and <split>/ (split: val2017)
-        if not root.is_dir():
-            raise ConfigError(f"{name}.root: {root} is not a folder")
-        annotations, images = root / "annotations" / f"instances_{d['split']}.json", root / d["split"]
-    ds = coco.CocoDataset(annotations, images)
+    elif not root.is_dir():
+        raise ConfigError(f"{name}.root: {root} is not a folder")
+    if d["split"] not in ("val2017", "train2017") and not coco.paths(root, d["split"])[0].is_file():
+        raise ConfigError(f"{name}.split: {d['split']!r}; expected a COCO split such as val2017 or train2017")
+    ds = coco.CocoDataset(*coco.paths(root, d["split"]))
     if d.get("max_sequences"):
         ds.limit = d["max_sequences"]
     return ds
