@@ -338,7 +338,9 @@ def write_summary(rows: list[dict], path: Path, suite: Suite | None = None) -> N
     def cell(r, c):
         if r[c] is None or c not in fmt and c not in head:
             return str(r[c])
-        return f"{100 * r[c]:.1f}" if c in head else fmt[c].format(r[c])
+        if c in head:  # COCOeval gives -1 for a size range without ground truth
+            return "n/a" if r[c] < 0 else f"{100 * r[c]:.1f}"
+        return fmt[c].format(r[c])
 
     lines = ["| " + " | ".join(head.get(c, c) for c in cols) + " |", "|" + "---|" * len(cols)]
     lines += ["| " + " | ".join(cell(r, c) for c in cols) + " |" for r in rows]

@@ -132,7 +132,7 @@ def _generated_root(cfg: dict, d: dict, results_dir: Path, prefix: str) -> Path:
     s = cfg["data"]["synthetic"]
     if d["root"] is not None:
         return Path(d["root"])
-    return Path(results_dir) / "data" / f"{prefix}-n{s['sequences']}-t{s['frames']}-{s['size']}-seed{s['seed']}"
+    return Path(results_dir) / "data" / f"{prefix}-n{s['sequences']}-{s['size']}-seed{s['seed']}"
 
 
 def _coco_root(cfg: dict, d: dict, results_dir: Path) -> Path:

@@ -1,0 +1,49 @@
+"""Evaluators by data kind (harness/evaluate/registry.py) through the runner, the summary and the report."""
+
+import pytest
+
+from harness import runner
+from harness.config import load_suite
+from harness.errors import ConfigError
+from harness.evaluate import registry
+from harness.report import report
+
+COCO_SUITE = """
+name: coco_tiny
+base:
+  quant: {scope: [image_encoder, sam_mask_decoder], weight_bits: 4}
+  data:
+    eval: {kind: coco, split: val2017}
+    calib: {kind: coco, split: train2017, frames: 3}
+    synthetic: {sequences: 4, size: 160x96, seed: 2}
+matrix:
+  method.name: [fp, rtn]
+report:
+  table: {rows: method.name, cols: quant.weight_bits}
+  figures: [{name: bits_vs_metric, metric: ap}]
+"""
+
+
+def test_a_coco_suite_runs_and_reports_miou_and_ap(tmp_path):
+    path = tmp_path / "coco_tiny.yaml"
+    path.write_text(COCO_SUITE)
+    results = tmp_path / "results"
+    rows, failed = runner.run_suite(load_suite(str(path)), results)
+    assert not failed and len(rows) == 2
+    fp, rtn = rows
+    assert 0 < rtn["mIoU"] <= 1 and 0 < fp["mIoU"] <= 1 and 0 <= rtn["AP"] <= 1
+    summary = (results / "coco_tiny" / "summary.md").read_text()
+    assert "| mIoU (%) | AP (%) | AP50 (%)" in summary and "images/s" in summary and "J&F" not in summary
+    written = report(load_suite(str(path)), results)
+    assert "mIoU (%)" in written["table.md"].read_text()  # the evaluator's main metric by default
+    assert "bits_vs_metric_ap.png" in written
+    assert (results / "data" / "coco-n4-160x96-seed2" / "annotations" / "instances_train2017.json").is_file()
+
+
+def test_unknown_kinds_and_missing_coco_roots_are_one_line_errors(tmp_path):
+    with pytest.raises(ConfigError, match="data kind 'kitti' has no evaluator; expected one of coco, davis"):
+        registry.get("kitti")
+    suite = tmp_path / "s.yaml"
+    suite.write_text(f"name: s\nbase:\n  data:\n    eval: {{kind: coco, root: '{tmp_path / 'nowhere'}'}}\n")
+    with pytest.raises(ConfigError, match=r"s.yaml: run base: data.eval.root: .*nowhere is not a folder$"):
+        runner.preflight(load_suite(str(suite)), tmp_path)
