@@ -1,9 +1,14 @@
 """Evaluators by data kind (harness/evaluate/registry.py) through the runner, the summary and the report."""
 
+import json
+import subprocess
+import sys
+
 import pytest
 
 from harness import runner
 from harness.config import load_suite
+from harness.data import coco, sav
 from harness.errors import ConfigError
 from harness.evaluate import registry
 from harness.report import report
@@ -47,3 +52,28 @@ def test_unknown_kinds_and_missing_coco_roots_are_one_line_errors(tmp_path):
     suite.write_text(f"name: s\nbase:\n  data:\n    eval: {{kind: coco, root: '{tmp_path / 'nowhere'}'}}\n")
     with pytest.raises(ConfigError, match=r"s.yaml: run base: data.eval.root: .*nowhere is not a folder$"):
         runner.preflight(load_suite(str(suite)), tmp_path)
+
+
+def _qbench(*args):
+    proc = subprocess.run([sys.executable, "-m", "harness", *map(str, args)], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout
+
+
+def test_eval_coco_scores_a_results_file_as_cocoeval(tmp_path):
+    root = coco.generate(tmp_path / "coco", images=3, size=(96, 64), seed=1)
+    annotations, _ = coco.paths(root)
+    gt = json.loads(annotations.read_text())["annotations"]
+    perfect = [{k: a[k] for k in ("image_id", "category_id", "segmentation")} | {"score": 1.0} for a in gt]
+    (tmp_path / "perfect.json").write_text(json.dumps(perfect))
+    out = json.loads(
+        _qbench("eval-coco", "--annotations", annotations, "--results", tmp_path / "perfect.json", "--json")
+    )
+    assert out["mIoU"] == 1.0 and out["AP"] == pytest.approx(1.0) and out["instances"] == len(gt)
+
+
+def test_eval_vos_scores_sav_predictions(tmp_path):
+    root = sav.generate(tmp_path / "sav", videos=2, frames=13, size=(96, 64), seed=1)
+    # the ground truth as predictions: J&F 1
+    out = json.loads(_qbench("eval-vos", "--format", "sav", "--root", root, "--results", root, "--json"))
+    assert out["J&F-mean"] == 1.0 and out["filled_frames"] == 0

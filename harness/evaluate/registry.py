@@ -100,7 +100,7 @@ def _vos_load(cfg: dict, name: str, d: dict, results_dir: Path):
     return ds
 
 
-def _vos_check(ds):
+def _check_files(ds):
     ds.check()
 
 
@@ -190,3 +190,51 @@ register(
         "coco", COCO, "miou", "images/s", _coco_root, _coco_load, lambda ds: None, _coco_calibrate, _coco_evaluate
     )
 )
+
+
+# --- SA-V: per-object masks at 6 fps in 24 fps videos, J&F as SAM2's SA-V evaluator ---------------
+
+
+def _sav_root(cfg: dict, d: dict, results_dir: Path) -> Path:
+    s = cfg["data"]["synthetic"]
+    if d["root"] is not None:
+        return Path(d["root"])
+    return Path(results_dir) / "data" / f"sav-n{s['sequences']}-t{s['frames']}-{s['size']}-seed{s['seed']}"
+
+
+def _sav_load(cfg: dict, name: str, d: dict, results_dir: Path):
+    from harness.data import sav, synthetic
+
+    root = _sav_root(cfg, d, results_dir)
+    if d["root"] is None:  # generated: data.synthetic's sequences scored (sav_val) and as many to calibrate (sav_train)
+        s = cfg["data"]["synthetic"]
+        n, size = s["sequences"], synthetic.parse_size(s["size"])
+        generated(root, lambda r: sav.generate(r, n, s["frames"], size, s["seed"], train_videos=n, progress=True))
+    elif not root.is_dir():
+        raise ConfigError(f"{name}.root: {root} is not a folder")
+    split = root / f"sav_{d['split']}.txt"  # SA-V ships sav_val.txt and sav_test.txt; without one, every video
+    ds = sav.SavDataset(root, split if split.is_file() else None)
+    if d.get("max_sequences"):
+        ds.videos = ds.videos[: d["max_sequences"]]
+    return ds
+
+
+def _sav_calibrate(model, ds, n):
+    from harness.evaluate import sav
+
+    done = 0
+    for video in ds.videos:
+        if done >= n:
+            break
+        sav.predict_video(model, ds, video, max_frames=n - done)
+        done += min(n - done, len(ds.frame_names(video)))
+    return done
+
+
+def _sav_evaluate(model, ds, decisions, save_dir=None, late=None):
+    from harness.evaluate import sav
+
+    return sav.evaluate(model, ds, decisions, save_dir=save_dir)
+
+
+register(Evaluator("sav", JF, "jf", "frames/s", _sav_root, _sav_load, _check_files, _sav_calibrate, _sav_evaluate))
