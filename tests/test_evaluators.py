@@ -6,9 +6,9 @@ import sys
 
 import pytest
 
-from harness import runner
+from harness import models, runner
 from harness.config import load_suite
-from harness.data import coco, sav
+from harness.data import coco, sav, synthetic
 from harness.errors import ConfigError
 from harness.evaluate import registry
 from harness.report import report
@@ -77,3 +77,43 @@ def test_eval_vos_scores_sav_predictions(tmp_path):
     # the ground truth as predictions: J&F 1
     out = json.loads(_qbench("eval-vos", "--format", "sav", "--root", root, "--results", root, "--json"))
     assert out["J&F-mean"] == 1.0 and out["filled_frames"] == 0
+
+
+SAV_SUITE = """
+name: sav_tiny
+base:
+  data:
+    eval: {kind: sav, split: val}
+    calib: {kind: sav, split: train, frames: 4}
+    synthetic: {sequences: 2, frames: 9, size: 96x64, seed: 4}
+matrix:
+  method.name: [fp, rtn]
+"""
+
+
+def test_a_sav_suite_runs_on_generated_videos(tmp_path):
+    path = tmp_path / "sav_tiny.yaml"
+    path.write_text(SAV_SUITE)
+    rows, failed = runner.run_suite(load_suite(str(path)), tmp_path / "results")
+    assert not failed and [r["method"] for r in rows] == ["fp", "rtn"]
+    assert all(0 < r["J&F"] <= 1 for r in rows)
+    root = tmp_path / "results" / "data" / "sav-n2-t9-96x64-seed4"
+    assert (root / "sav_val.txt").read_text().split() == ["sav_synth_000", "sav_synth_001"]
+    assert (root / "sav_train.txt").read_text().split() == ["sav_synth_002", "sav_synth_003"]
+
+
+@pytest.mark.parametrize("name,runs", [("coco_4bit", 13), ("sav_2bit", 13)])
+def test_real_data_suites_expand_and_validate_on_generated_data(name, runs, tmp_path, monkeypatch):
+    models.save_checkpoint(models.build("sam2_small", device="cpu"), tmp_path / "small.pt")
+    davis = synthetic.generate(tmp_path / "DAVIS", sequences=2, frames=3, size=(96, 64), objects=(1, 1))
+    env = {"SAM2_MODEL": "sam2_small", "SAM2_CHECKPOINT": tmp_path / "small.pt", "DAVIS_ROOT": davis}
+    env["COCO_ROOT"] = coco.generate(tmp_path / "COCO", images=2, size=(96, 64))
+    env["SAV_ROOT"] = sav.generate(tmp_path / "SAV", videos=2, frames=9, size=(96, 64))
+    for key, value in env.items():
+        monkeypatch.setenv(key, str(value))
+    suite = load_suite(name)
+    assert len(suite.runs) == runs
+    runner.preflight(suite, tmp_path)
+    monkeypatch.delenv("SAM2_CHECKPOINT")
+    with pytest.raises(ConfigError, match="environment variable SAM2_CHECKPOINT is not set$"):
+        load_suite(name)
