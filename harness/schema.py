@@ -44,6 +44,9 @@ class DataPart(Strict):
     split: str = "val"
     resolution: str = "480p"
     max_sequences: int | None = Field(None, ge=1)
+    # coco: box prompts from a detector's results file (COCO results format) instead of the ground truth
+    detections: str | None = None
+    score_threshold: float = Field(0.0, ge=0, le=1)
 
 
 class CalibData(DataPart):

@@ -7,7 +7,7 @@ import sys
 import pytest
 
 from harness import models, runner
-from harness.config import load_suite
+from harness.config import base_config, load_suite
 from harness.data import coco, sav, synthetic
 from harness.errors import ConfigError
 from harness.evaluate import registry
@@ -117,3 +117,26 @@ def test_real_data_suites_expand_and_validate_on_generated_data(name, runs, tmp_
     monkeypatch.delenv("SAM2_CHECKPOINT")
     with pytest.raises(ConfigError, match="environment variable SAM2_CHECKPOINT is not set$"):
         load_suite(name)
+
+
+def test_coco_detector_prompts_come_from_the_data_section(tmp_path):
+    root = coco.generate(tmp_path / "coco", images=2, size=(96, 64), seed=1)
+    gt = json.loads(coco.paths(root)[0].read_text())["annotations"]
+    dets = [
+        {"image_id": a["image_id"], "category_id": a["category_id"], "bbox": a["bbox"], "score": s}
+        for a, s in zip(gt, [0.9, 0.2] * len(gt))
+    ]
+    (tmp_path / "dets.json").write_text(json.dumps(dets))
+    cfg = base_config(
+        None,
+        [
+            "data.eval.kind=coco",
+            f"data.eval.root={root}",
+            "data.eval.split=val2017",
+            f"data.eval.detections={tmp_path / 'dets.json'}",
+            "data.eval.score_threshold=0.5",
+        ],
+    )
+    assert cfg["data"]["eval"]["score_threshold"] == 0.5 and "detections" not in cfg["data"]["calib"]
+    ds = runner.dataset(cfg, "eval", tmp_path)
+    assert [b.score for b in ds.detections] == [0.9] * len(ds.detections) and len(ds.detections) == (len(gt) + 1) // 2

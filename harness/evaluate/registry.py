@@ -152,6 +152,7 @@ def _coco_load(cfg: dict, name: str, d: dict, results_dir: Path):
     if d["split"] not in ("val2017", "train2017") and not coco.paths(root, d["split"])[0].is_file():
         raise ConfigError(f"{name}.split: {d['split']!r}; expected a COCO split such as val2017 or train2017")
     ds = coco.CocoDataset(*coco.paths(root, d["split"]))
+    ds.detections = coco.read_detections(d["detections"], ds, d["score_threshold"]) if d.get("detections") else None
     if d.get("max_sequences"):
         ds.limit = d["max_sequences"]
     return ds
@@ -161,7 +162,8 @@ def _coco_evaluate(model, ds, decisions, save_dir=None, late=None):
     from harness.evaluate import instance
 
     save = Path(save_dir) / "coco_results.json" if save_dir else None
-    return instance.evaluate(model, ds, max_images=getattr(ds, "limit", None), decisions=decisions, save=save)
+    limit = getattr(ds, "limit", None)
+    return instance.evaluate(model, ds, ds.detections, max_images=limit, decisions=decisions, save=save)
 
 
 def _coco_check(ds):
@@ -171,7 +173,7 @@ def _coco_check(ds):
 def _coco_calibrate(model, ds, n):
     from harness.evaluate import instance
 
-    instance.predict(model, ds, max_images=n)
+    instance.predict(model, ds, ds.detections, max_images=n)
     return min(n, len(ds.ids))
 
 
