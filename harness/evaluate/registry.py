@@ -228,7 +228,7 @@ def _sav_calibrate(model, ds, n):
     for video in ds.videos:
         if done >= n:
             break
-        first, last = sav._tracked_range(ds, video)
+        first, last = sav.tracked_range(ds, video)
         sav.predict_video(model, ds, video, max_frames=n - done)
         done += min(n - done, last - first + 1)
     return done
