@@ -44,22 +44,45 @@ def _make_data(args) -> int:
 
 
 def _eval_vos(args) -> int:
-    from harness.evaluate.scoring import score_results_folder
-
     report = {}
-    per_object, summary = score_results_folder(
-        args.davis_root, args.results, args.split, args.resolution, allow_missing=args.allow_missing, report=report
-    )
-    if report["filled"]:
-        print(f"warning: {report['filled']} missing prediction frames scored as empty", file=sys.stderr)
+    if args.format == "sav":
+        from harness.data.sav import SavDataset
+        from harness.evaluate.sav import score_folder
+
+        root = Path(args.root)
+        split = root / f"sav_{args.split}.txt"
+        dataset = SavDataset(root, split if split.is_file() else None)
+        per_object, summary = score_folder(dataset, args.results, allow_missing=args.allow_missing, report=report)
+        extra = {"filled_frames": report.get("filled", 0), "unscored_objects": report.get("unscored", [])}
+    else:
+        from harness.evaluate.scoring import score_results_folder
+
+        per_object, summary = score_results_folder(
+            args.root, args.results, args.split, args.resolution, allow_missing=args.allow_missing, report=report
+        )
+        extra = {"filled_frames": report["filled"], "late_objects": report["late"]}
+    if extra["filled_frames"]:
+        print(f"warning: {extra['filled_frames']} missing prediction frames scored as empty", file=sys.stderr)
     if args.out:
         per_object.to_csv(args.out, index=False)
         print(f"per-object scores: {args.out}", file=sys.stderr if args.json else sys.stdout)
     if args.json:  # full precision (repr of the floats), to check agreement with another scorer
-        print(json.dumps({**summary, "filled_frames": report["filled"], "late_objects": report["late"]}))
+        print(json.dumps({**summary, **extra}, default=str))
     else:
         for key in ("J&F-mean", "J-mean", "F-mean"):
             print(f"{key}: {summary[key]:.4f}")
+    return 0
+
+
+def _eval_coco(args) -> int:
+    from harness.evaluate.instance import score_results_file
+
+    summary = score_results_file(args.annotations, args.results)
+    if args.json:
+        print(json.dumps(summary))
+    else:
+        for key, value in summary.items():
+            print(f"{key}: {value:.4f}" if isinstance(value, float) else f"{key}: {value}")
     return 0
 
 
@@ -178,15 +201,26 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=0)
     s.set_defaults(fn=_make_data)
 
-    s = sub.add_parser("eval-vos", help="score predicted palette PNGs against DAVIS ground truth (J&F)")
-    s.add_argument("--davis-root", required=True)
-    s.add_argument("--results", required=True, help="folder of <sequence>/<frame>.png predictions")
-    s.add_argument("--split", default="val")
+    s = sub.add_parser("eval-vos", help="score predicted masks against DAVIS or SA-V ground truth (J&F)")
+    s.add_argument("--format", choices=["davis", "sav"], default="davis", help="ground-truth and prediction layout")
+    s.add_argument("--root", "--davis-root", dest="root", required=True, help="DAVIS 2017 or SA-V (val) folder")
+    s.add_argument(
+        "--results",
+        required=True,
+        help="predictions: <sequence>/<frame>.png palette PNGs (davis), <video>/<object>/<frame>.png (sav)",
+    )
+    s.add_argument("--split", default="val", help="davis: ImageSets/2017/<split>.txt; sav: sav_<split>.txt if present")
     s.add_argument("--resolution", default="480p")
     s.add_argument("--out", help="per-object CSV to write")
     s.add_argument("--allow-missing", action="store_true", help="score missing prediction frames as empty")
     s.add_argument("--json", action="store_true", help="the summary as JSON, at full precision")
     s.set_defaults(fn=_eval_vos)
+
+    s = sub.add_parser("eval-coco", help="score a COCO results JSON of masks (mask mIoU and COCOeval mask AP)")
+    s.add_argument("--annotations", required=True, help="COCO instances JSON, e.g. instances_val2017.json")
+    s.add_argument("--results", required=True, help="results JSON: [{image_id, category_id, segmentation, score}]")
+    s.add_argument("--json", action="store_true", help="the metrics as JSON, at full precision")
+    s.set_defaults(fn=_eval_coco)
 
     s = sub.add_parser("export", help="quantize + calibrate one run of a suite and write its packed model")
     s.add_argument("suite")

@@ -143,6 +143,10 @@ def canonical(cfg: dict, where: str) -> dict:
     out["model"]["weights_sha256"] = card["sha256"] if card else None
     # The device changes results (bf16 autocast on CUDA): resolve it so that it is part of run_key.
     out["device"] = out["device"] or ("cuda" if torch.cuda.is_available() else "cpu")
+    for part in ("eval", "calib"):  # COCO's detector prompts: in run_key only where used
+        d = out["data"][part]
+        if d["detections"] is None:
+            del d["detections"], d["score_threshold"]
     return out
 
 

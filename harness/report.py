@@ -19,7 +19,8 @@ import pandas as pd  # noqa: E402
 from mlflow.tracking import MlflowClient  # noqa: E402
 
 from harness.config import Suite, load_suite  # noqa: E402
-from harness.errors import ConfigError  # noqa: E402
+from harness.errors import ConfigError
+from harness.evaluate import registry as evaluators  # noqa: E402
 
 log = logging.getLogger("qbench")
 
@@ -28,6 +29,10 @@ METRICS = {
     "jf": ("J_F-mean", 100, 1, "J&F (%)"),
     "j": ("J-mean", 100, 1, "J (%)"),
     "f": ("F-mean", 100, 1, "F (%)"),
+    "miou": ("mIoU", 100, 1, "mIoU (%)"),
+    "ap": ("AP", 100, 1, "mask AP (%)"),
+    "ap50": ("AP50", 100, 1, "mask AP50 (%)"),
+    "ap75": ("AP75", 100, 1, "mask AP75 (%)"),
     "fps": ("fps", 1, 2, "frames/s"),
     "size": ("packed_bytes", 1e-6, 2, "packed size (MB)"),
     "ratio": ("ratio_vs_bf16", 1, 2, "compression vs BF16 (x)"),
@@ -67,7 +72,9 @@ def report(suite: Suite, results_dir="results") -> dict[str, Path]:
     df, params = load_runs(suite, results_dir)
     where = f"{suite.path}: report"
     spec = suite.report or {}
-    table_spec = {"rows": "method.name", "cols": "quant.weight_bits", "metric": "jf", **(spec.get("table") or {})}
+    table_spec = {"rows": "method.name", "cols": "quant.weight_bits", **(spec.get("table") or {})}
+    if table_spec.get("metric") is None:
+        table_spec["metric"] = evaluators.get(suite.runs[0].config["data"]["eval"]["kind"]).main
     for key in ("rows", "cols"):
         _check_param(table_spec[key], params, df, f"{where}.table.{key}")
     out = Path(results_dir) / suite.name
@@ -401,22 +408,23 @@ def _lines(ax, df, params, x: str, metric) -> None:
     quant = df[~fp & df[x].notna()]
     extra = _splitting(quant, params, ["method.name", x])
     agg = _aggregate(quant, ["method.name", *extra, x], metric)
+    numeric = pd.api.types.is_numeric_dtype(quant[x]) and len(quant) > 0
+    ticks = sorted(quant[x].unique()) if numeric else []
+    scale = _x_scale(ticks) if numeric else "linear"
+    position = {t: i for i, t in enumerate(ticks)}  # the "even" scale: one step per value
     styles = ["-", "--", ":", "-."]
     for i, (key, s) in enumerate(agg.groupby(["method.name", *extra], sort=False, dropna=False)):
         # numbers in order; labels (W2A8, ...) in the suite's order, as the table's columns
-        s = s.sort_values(x) if pd.api.types.is_numeric_dtype(s[x]) else s
-        xs = s[x] if pd.api.types.is_numeric_dtype(s[x]) else s[x].astype(str)
+        s = s.sort_values(x) if numeric else s
+        xs = (s[x].map(position) if scale == "even" else s[x]) if numeric else s[x].astype(str)
         st = style(str(key[0] if isinstance(key, tuple) else key))
         ax.errorbar(
             xs, s["mean"], yerr=s["std"].fillna(0), label=_series_label(key, extra), **st, **ERRORBARS, ls=styles[i % 4]
         )
-    if pd.api.types.is_numeric_dtype(quant[x]) and len(quant):
-        ticks = sorted(quant[x].unique())
-        positive = ticks[0] > 0
-        ratios = {round(b / a, 6) for a, b in zip(ticks, ticks[1:])} if positive else set()
-        if positive and (ticks[-1] / ticks[0] >= 16 or len(ratios) == 1 and min(ratios) >= 2):  # 1, 2, 4, ...
+    if numeric:
+        if scale == "log2":
             ax.set_xscale("log", base=2)
-        ax.set_xticks(ticks, [f"{t:g}" for t in ticks])
+        ax.set_xticks([position[t] for t in ticks] if scale == "even" else ticks, [f"{t:g}" for t in ticks])
         ax.minorticks_off()
     if fp.any():
         ref = _aggregate(df[fp], [], metric).iloc[0]
@@ -426,6 +434,17 @@ def _lines(ax, df, params, x: str, metric) -> None:
     if x == "quant.weight_bits":
         ax.invert_xaxis()  # 8 -> 2 bits left to right in every figure, as in the tables' columns
     ax.set_xlabel({"quant.weight_bits": "weight bits", "quant.wa": "weight / activation bits"}.get(x, x))
+
+
+def _x_scale(ticks) -> str:
+    """log2 for 1, 2, 4, ... (or a range of 16x and more), "even" (evenly spaced values, labelled) where the
+    gaps differ by more than 4x (momentum 0, 0.9, 0.99, 0.999), else linear."""
+    if ticks[0] > 0:
+        ratios = {round(b / a, 6) for a, b in zip(ticks, ticks[1:])}
+        if ticks[-1] / ticks[0] >= 16 or len(ratios) == 1 and min(ratios) >= 2:
+            return "log2"
+    gaps = [b - a for a, b in zip(ticks, ticks[1:])]
+    return "even" if gaps and max(gaps) > 4 * min(gaps) else "linear"
 
 
 def _size_vs_metric(ax, df, params, metric) -> None:

@@ -7,8 +7,6 @@ build the student -> method.plan -> quantize -> calibrate -> train (training met
 from __future__ import annotations
 
 import contextlib
-import fcntl
-import json
 import logging
 import math
 import os
@@ -24,9 +22,8 @@ from harness import models
 from harness.claims import Claims, clean_scratch, scratch_suffix
 from harness.config import RunSpec, Suite
 from harness.data import synthetic
-from harness.data.davis import DavisDataset
 from harness.errors import CheckpointError, ConfigError, QBenchError
-from harness.evaluate import vos
+from harness.evaluate import registry as evaluators
 from harness.progress import progress
 from harness.quant import export
 from harness.quant.policy import QuantPolicy
@@ -36,36 +33,12 @@ from harness.tracking import Tracker
 log = logging.getLogger("qbench")
 
 
-def _root(cfg: dict, d: dict, results_dir: Path) -> Path:
-    s = cfg["data"]["synthetic"]
-    if d["kind"] == "synthetic" and d["root"] is None:
-        return results_dir / "data" / f"synthetic-n{s['sequences']}-t{s['frames']}-{s['size']}-seed{s['seed']}"
-    return Path(d["root"])
-
-
-def dataset(cfg: dict, part: str | dict, results_dir: Path) -> DavisDataset:
-    """The dataset of `cfg["data"][part]`, or of a data section given as a dict (train.data)."""
+def dataset(cfg: dict, part: str | dict, results_dir: Path):
+    """The dataset of `cfg["data"][part]`, or of a data section given as a dict (train.data), opened
+    (and generated, where it has no root) by the evaluator of its kind."""
     d = cfg["data"][part] if isinstance(part, str) else part
-    root = _root(cfg, d, results_dir)
-    if d["kind"] == "synthetic":
-        s = cfg["data"]["synthetic"]
-        root.parent.mkdir(parents=True, exist_ok=True)
-        # Two processes of one suite may need the same dataset at once: generate it once.
-        with open(root.parent / ".generate.lock", "a+") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
-            size = synthetic.parse_size(s["size"])
-            if not synthetic.is_complete(root):
-                synthetic.generate(
-                    root, sequences=s["sequences"], frames=s["frames"], size=size, seed=s["seed"], progress=True
-                )
-            made = json.loads((root / synthetic.COMPLETE_MARKER).read_text())
-            want = {"sequences": s["sequences"], "frames": s["frames"], "size": list(size), "seed": s["seed"]}
-            if {k: made.get(k) for k in want} != want:
-                raise ConfigError(f"data.{part}.root: {root} holds a synthetic dataset made with {made}, not {want}")
-    ds = DavisDataset(root, split=d["split"], resolution=d["resolution"])
-    if d.get("max_sequences"):
-        ds.sequences = ds.sequences[: d["max_sequences"]]
-    return ds
+    name = f"data.{part}" if isinstance(part, str) else "train.data"
+    return evaluators.get(d["kind"]).load(cfg, name, d, Path(results_dir))
 
 
 @contextlib.contextmanager
@@ -101,9 +74,11 @@ def context(cfg: dict, results_dir: Path, checkpoint_dir: Path | None = None) ->
 
     def calib_feed(model, frames=None):
         ds = dataset(cfg, "calib", results_dir)
-        done = vos.run_frames(model, ds, frames or cfg["data"]["calib"]["frames"])
+        done = evaluators.get(cfg["data"]["calib"]["kind"]).calibrate(
+            model, ds, frames or cfg["data"]["calib"]["frames"]
+        )
         if frames and done < frames:  # VRC's calib_images: a sweep value the data cannot give
-            raise ConfigError(f"method.vrc.calib_images: {frames}, but {ds.root} has only {done} {ds.split} frames")
+            raise ConfigError(f"method.vrc.calib_images: {frames}, but data.calib has only {done}")
         return done
 
     torch.manual_seed(cfg["seed"])
@@ -167,13 +142,15 @@ def run_one(spec, results_dir: Path, suite: str = "default") -> dict:
     with _phase(times, "evaluate"), scratch as tmp:
         save = Path(tmp) / "predictions" if cfg["eval"]["save_predictions"] else None
         late = {}
-        per_object, summary = vos.evaluate(model, eval_ds, decisions, save_dir=save, late=late)
+        evaluator = evaluators.get(cfg["data"]["eval"]["kind"])
+        per_object, summary = evaluator.evaluate(model, eval_ds, decisions, save_dir=save, late=late)
         if late:  # in the record too, not only in the log
             notes = [f"{seq}: ids {ids} appear after frame 0, not scored" for seq, ids in late.items()]
             mlflow.set_tag("warnings", "; ".join(notes))
             mlflow.log_dict(late, "late_objects.json")
         per_object.to_csv(Path(tmp) / "per_object.csv", index=False)
-        per_object.groupby("sequence")[["J-mean", "F-mean"]].mean().to_csv(Path(tmp) / "per_sequence.csv")
+        if "sequence" in per_object:
+            per_object.groupby("sequence")[["J-mean", "F-mean"]].mean().to_csv(Path(tmp) / "per_sequence.csv")
         with open(Path(tmp) / "quant_plan.tsv", "w") as f:
             f.write("module\tkind\tparams\tquantized\tweight_bits\tact_bits\tsoftmax_bits\treason\n")
             for d in decisions:
@@ -237,18 +214,17 @@ def preflight(suite: Suite, results_dir: str | Path = "results") -> None:
         for name, d in parts.items():
             if d["kind"] == "stream":  # generated on the fly: nothing on disk to check
                 continue
-            if d["kind"] == "davis" and not (d["root"] and Path(d["root"]).is_dir()):
+            ev = evaluators.get(d["kind"])
+            if d["root"] is not None and not Path(d["root"]).is_dir() and d["kind"] != "synthetic":
                 raise ConfigError(f"{where}: {name}.root: {d['root']} is not a folder")
-            root = _root(cfg, d, Path(results_dir))
-            if (key := ("data", str(root), d["split"], d["resolution"], d.get("max_sequences"))) in seen:
+            root = ev.root(cfg, d, Path(results_dir))
+            if (key := ("data", d["kind"], str(root), d["split"], d["resolution"], d.get("max_sequences"))) in seen:
                 continue
             seen.add(key)
-            if d["kind"] == "synthetic" and not synthetic.is_complete(root):
-                continue
+            if (d["root"] is None or d["kind"] == "synthetic") and not synthetic.is_complete(root):
+                continue  # generated by the first run that needs it
             try:
-                ds = DavisDataset(root, split=d["split"], resolution=d["resolution"])
-                ds.sequences = ds.sequences[: d.get("max_sequences") or None]
-                ds.check()
+                ev.check(ev.load(cfg, name, d, Path(results_dir)))
             except QBenchError as e:
                 raise type(e)(f"{where}: {name}: {e}") from None
 
@@ -287,7 +263,7 @@ def run_suite(suite: Suite, results_dir: str | Path = "results") -> tuple[list[d
     if world > 1:
         _announce(_DONE)
     rows = summary_rows(suite, tracker)
-    write_summary(rows, results_dir / suite.name / "summary.md")
+    write_summary(rows, results_dir / suite.name / "summary.md", suite)
     return rows, failed
 
 
@@ -324,9 +300,13 @@ def follow(suite: Suite, results_dir: Path) -> list[dict]:
     return []
 
 
+def _evaluator(suite: Suite):
+    return evaluators.get(suite.runs[0].config["data"]["eval"]["kind"]) if suite.runs else evaluators.get("synthetic")
+
+
 def summary_rows(suite: Suite, tracker: Tracker) -> list[dict]:
     """One row per spec, read back from MLflow so skipped (already finished) runs are included."""
-    rows = []
+    ev, rows = _evaluator(suite), []
     for spec in suite.runs:
         run = tracker.finished(spec.run_key)
         if run is None:
@@ -337,10 +317,8 @@ def summary_rows(suite: Suite, tracker: Tracker) -> list[dict]:
             {
                 "method": cfg["method"]["name"],
                 "bits": "FP" if fp else f"W{cfg['quant']['weight_bits']}A{cfg['quant']['act_bits']}",
-                "J&F": m.get("J_F-mean"),
-                "J": m.get("J-mean"),
-                "F": m.get("F-mean"),
-                "frames/s": m.get("fps"),
+                **{metric.column: m.get(metric.key.replace("&", "_")) for metric in ev.metrics},
+                ev.rate: m.get("fps"),
                 "packed MB": m.get("packed_bytes", 0) / 1e6,
                 "vs BF16": m.get("ratio_vs_bf16"),
                 "run_key": spec.run_key,
@@ -349,17 +327,20 @@ def summary_rows(suite: Suite, tracker: Tracker) -> list[dict]:
     return rows
 
 
-def write_summary(rows: list[dict], path: Path) -> None:
+def write_summary(rows: list[dict], path: Path, suite: Suite | None = None) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    cols = ["method", "bits", "J&F", "J", "F", "frames/s", "packed MB", "vs BF16", "run_key"]
-    # J&F, J and F in percent, the unit of the report's tables and figures.
-    head = {"J&F": "J&F (%)", "J": "J (%)", "F": "F (%)"}
-    fmt = {"frames/s": "{:.2f}", "packed MB": "{:.3f}", "vs BF16": "{:.2f}x"}
+    ev = _evaluator(suite) if suite is not None else evaluators.get("synthetic")
+    cols = ["method", "bits", *(m.column for m in ev.metrics), ev.rate, "packed MB", "vs BF16", "run_key"]
+    # Scores in percent, the unit of the report's tables and figures.
+    head = {m.column: f"{m.column} (%)" for m in ev.metrics if m.percent}
+    fmt = {ev.rate: "{:.2f}", "packed MB": "{:.3f}", "vs BF16": "{:.2f}x"}
 
     def cell(r, c):
         if r[c] is None or c not in fmt and c not in head:
             return str(r[c])
-        return f"{100 * r[c]:.1f}" if c in head else fmt[c].format(r[c])
+        if c in head:  # COCOeval gives -1 for a size range without ground truth
+            return "n/a" if r[c] < 0 else f"{100 * r[c]:.1f}"
+        return fmt[c].format(r[c])
 
     lines = ["| " + " | ".join(head.get(c, c) for c in cols) + " |", "|" + "---|" * len(cols)]
     lines += ["| " + " | ".join(cell(r, c) for c in cols) + " |" for r in rows]

@@ -39,11 +39,14 @@ class ModelCfg(Strict):
 class DataPart(Strict):
     # "synthetic" generates a DAVIS-layout dataset under results/data once and reads it with the
     # DAVIS loader; "davis" reads `root` as it is.
-    kind: Literal["synthetic", "davis"] = "synthetic"
+    kind: Literal["synthetic", "davis", "coco", "sav"] = "synthetic"
     root: str | None = None
     split: str = "val"
     resolution: str = "480p"
     max_sequences: int | None = Field(None, ge=1)
+    # coco: box prompts from a detector's results file (COCO results format) instead of the ground truth
+    detections: str | None = None
+    score_threshold: float = Field(0.0, ge=0, le=1)
 
 
 class CalibData(DataPart):
@@ -156,7 +159,7 @@ class RunConfig(Strict):
 class TableCfg(Strict):
     rows: str = "method.name"
     cols: str = "quant.weight_bits"
-    metric: str = "jf"
+    metric: str | None = None  # None: the main metric of the suite's evaluator (J&F, mIoU)
 
 
 class ReportCfg(Strict):

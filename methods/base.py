@@ -122,12 +122,15 @@ class Method:
     def act_quant(self, bits: int):
         raise NotImplementedError
 
+    def prob_quant(self, bits: int):
+        """Injector of post-softmax probabilities for the uniform kind: unsigned in [0, max]."""
+        return Uint8ActPerTensorFloat.let(bit_width=bits, scaling_stats_op=StatsOp.MAX)
+
     def softmax_quant(self, bits: int, kind: str):
-        """Quantizer module of post-softmax probabilities: unsigned uniform in [0, max] or log2."""
+        """Quantizer module of post-softmax probabilities: `prob_quant`'s, or log2."""
         if kind == "log2":
             return Log2Quant(bits)
-        act_quant = Uint8ActPerTensorFloat.let(bit_width=bits, scaling_stats_op=StatsOp.MAX)
-        return QuantIdentity(act_quant=act_quant, return_quant_tensor=False)
+        return QuantIdentity(act_quant=self.prob_quant(bits), return_quant_tensor=False)
 
     def plan(self, ctx: Context) -> list[Decision]:
         """Per-module choices before the swap (data-dependent bit maps go here); default: the policy."""

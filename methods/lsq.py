@@ -17,7 +17,6 @@ Weights are signed with the full code range (2-bit: -2..1), as in the paper. Tra
 harness's loop (harness.train): weights at train.lr, steps and offsets at train.quant_lr.
 """
 
-from brevitas.nn import QuantIdentity
 from brevitas.quant import Int8ActPerTensorFloat, Int8WeightPerChannelFloat
 
 from harness.errors import ConfigError
@@ -65,7 +64,5 @@ class LSQ(Method):
             return self._act(bits, signed=False, step_init="mse")
         return self._act(bits, signed=True, step_init=self.params["step_init"])
 
-    def softmax_quant(self, bits, kind):
-        if kind == "log2":
-            return super().softmax_quant(bits, kind)
-        return QuantIdentity(act_quant=self._act(bits, signed=False, step_init="max"), return_quant_tensor=False)
+    def prob_quant(self, bits):
+        return self._act(bits, signed=False, step_init="max")

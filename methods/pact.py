@@ -14,7 +14,6 @@ activations.
 """
 
 import torch
-from brevitas.nn import QuantIdentity
 from brevitas.quant import Int8ActPerTensorFloat, Int8WeightPerChannelFloat
 
 from harness.errors import ConfigError
@@ -52,10 +51,8 @@ class PACT(Method):
     def act_quant(self, bits):
         return self._act(bits, signed=True)
 
-    def softmax_quant(self, bits, kind):
-        if kind == "log2":
-            return super().softmax_quant(bits, kind)
-        return QuantIdentity(act_quant=self._act(bits, signed=False), return_quant_tensor=False)
+    def prob_quant(self, bits):
+        return self._act(bits, signed=False)
 
     def loss_terms(self, model):
         alphas = pact_alphas(model)

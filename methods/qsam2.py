@@ -15,7 +15,6 @@ not every constant; the knobs and their defaults are ours (../shared/METHODS.md)
 """
 
 from brevitas.core.stats import StatsOp
-from brevitas.nn import QuantIdentity
 from brevitas.quant import Int8ActPerTensorFloat, Int8WeightPerChannelFloat, Uint8ActPerTensorFloat
 
 from harness.errors import ConfigError
@@ -92,10 +91,8 @@ class QSam2(Method):
     def act_quant(self, bits):
         return self._act(bits, signed=True)
 
-    def softmax_quant(self, bits, kind):
-        if kind == "log2":
-            return super().softmax_quant(bits, kind)
-        return QuantIdentity(act_quant=self._act(bits, signed=False), return_quant_tensor=False)
+    def prob_quant(self, bits):
+        return self._act(bits, signed=False)
 
     def param_groups(self, model):
         """The layers' own parameters, and the LSC alphas; rtn's scales (LSC switched off) stay fixed."""

@@ -26,3 +26,14 @@ def test_search_picks_the_granularity_and_scale_with_the_least_output_error():
     for other in (1, 2):
         t, _, e = agq.search(probs, values, bits=4, taus=(other,), grid=8)
         assert t == other and e > 1e-4
+
+
+def test_the_harness_log2_quantizer_keeps_a_searched_tau_and_scale_in_its_state():
+    from harness.quant.attention import Log2Quant
+
+    searched = Log2Quant(3, tau=4)
+    searched.scale.fill_(0.8)
+    fresh = Log2Quant(3)
+    fresh.load_state_dict(searched.state_dict())
+    x = torch.rand(5, 7).softmax(-1)
+    assert torch.equal(fresh(x), agq.log2_quantize(x, 0.8, 4, 3)) and float(fresh.tau) == 4

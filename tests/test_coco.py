@@ -144,6 +144,12 @@ def test_generated_set_matches_the_synthetic_frames(coco_root, dataset):
             assert box.bbox == [xs.min(), ys.min(), xs.max() - xs.min() + 1, ys.max() - ys.min() + 1]
             assert dataset.annotations[box.ann_id]["area"] == mask.sum()
             assert dataset.categories[box.category_id]["name"] == seq.kinds[obj - 1]
+    # train2017, for calibration: the next sequences of the generator, no image shared with val2017
+    train = coco.CocoDataset(*coco.paths(coco_root, "train2017"))
+    assert train.ids == dataset.ids
+    first = synthetic.render_sequence(3, len(dataset.ids), 1, (160, 96), (1, 3)).images[0]
+    assert np.abs(train.image(1).astype(int) - first).mean() < 8
+    assert not np.array_equal(train.image(1), dataset.image(1))
     with pytest.raises(FileExistsError):
         coco.generate(coco_root, images=1)
 

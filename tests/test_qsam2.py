@@ -106,7 +106,7 @@ def test_vrc_switch_survives_the_round_trip_through_a_run_config(name, on):
 
 
 def _lsc_identity(momentum, data):
-    quant = methods.get("qsam2", lsc={"momentum": momentum}).act_quant(4)
+    quant = methods.get("qsam2", lsc={"momentum": momentum, "alpha_init": "max"}).act_quant(4)
     m = QuantIdentity(act_quant=quant, return_quant_tensor=False)
     with torch.no_grad(), calibration_mode(m):
         for batch in data:
@@ -159,7 +159,8 @@ def test_lsc_alpha_receives_the_clipping_gradient():
 
 def test_lsc_weight_clip_per_channel_momentum_and_gradient():
     model = _linear(d_in=8, d_out=3)
-    swap.quantize(model, [Decision("0", "Linear", 27, True, weight_bits=2, act_bits=8)], methods.get("qsam2"))
+    method = methods.get("qsam2", lsc={"alpha_init": "max"})
+    swap.quantize(model, [Decision("0", "Linear", 27, True, weight_bits=2, act_bits=8)], method)
     layer = model[0].train()
     clip = layer.weight_quant.tensor_quant.scaling_impl
     assert isinstance(clip, LscWeightClip)

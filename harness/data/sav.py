@@ -202,12 +202,14 @@ def generate(
     seed: int = 0,
     objects: tuple[int, int] = (1, 3),
     progress: bool = False,
+    train_videos: int = 0,
 ) -> Path:
     """Write an SA-V-layout dataset of synthetic videos (harness.data.synthetic's renderer) to `out`.
 
     Every frame is a JPEG; every ANNOTATION_STEP-th frame from 0 has one 0/1 palette PNG per object (object
     folder = label - 1 as 3 digits, like SA-V's 000, 001, ...), empty where the object is hidden.
-    sav_val.txt lists the videos. size is (width, height). As synthetic.generate, files go to a scratch
+    sav_val.txt lists the first `videos` videos, sav_train.txt the `train_videos` after them (calibration
+    data apart from the scored videos). size is (width, height). As synthetic.generate, files go to a scratch
     folder renamed to `out` once complete, so `out` is never seen half written.
     """
     out = Path(out)
@@ -219,7 +221,7 @@ def generate(
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + scratch_suffix())
     shutil.rmtree(tmp, ignore_errors=True)
-    names = [f"sav_synth_{k:03d}" for k in range(videos)]
+    names = [f"sav_synth_{k:03d}" for k in range(videos + train_videos)]
     try:
         for k, name in enumerate(progress_bar(names, desc="synthetic SA-V", unit="video", enabled=progress)):
             seq = synthetic.render_sequence(seed, k, frames, size, objects)
@@ -231,8 +233,12 @@ def generate(
                 for t in range(0, frames, ANNOTATION_STEP):
                     mask = (seq.labels[t] == label).astype(np.uint8)
                     write_palette_png(tmp / ANNOTATIONS / name / f"{label - 1:03d}" / f"{t:05d}.png", mask)
-        (tmp / "sav_val.txt").write_text("".join(f"{name}\n" for name in names))
+        (tmp / "sav_val.txt").write_text("".join(f"{name}\n" for name in names[:videos]))
+        if train_videos:
+            (tmp / "sav_train.txt").write_text("".join(f"{name}\n" for name in names[videos:]))
         params = dict(videos=videos, frames=frames, size=list(size), seed=seed, objects=list(objects))
+        if train_videos:
+            params["train_videos"] = train_videos
         (tmp / synthetic.COMPLETE_MARKER).write_text(json.dumps(params, sort_keys=True) + "\n")
         if out.exists():
             out.rmdir()  # empty, checked above

@@ -134,7 +134,7 @@ def score_folder(
     return per_object, summary
 
 
-def _tracked_range(dataset: SavDataset, video: str) -> tuple[int, int]:
+def tracked_range(dataset: SavDataset, video: str) -> tuple[int, int]:
     # Predictor frame indices of the first and last annotated frames (both inclusive).
     index = {name: k for k, name in enumerate(dataset.frame_names(video))}
     annotated = dataset.annotated_frames(video)
@@ -149,7 +149,7 @@ def predict_video(model, dataset: SavDataset, video: str, max_frames: int | None
     Only annotated frames are kept: SA-V videos run to hundreds of full-resolution frames per object.
     `max_frames` stops after that many tracked frames (a warm-up).
     """
-    first, last = _tracked_range(dataset, video)
+    first, last = tracked_range(dataset, video)
     n = last - first + 1 if max_frames is None else min(max_frames, last - first + 1)
     names = dataset.frame_names(video)
     annotated = set(dataset.annotated_frames(video))
@@ -194,7 +194,7 @@ def evaluate(model, dataset: SavDataset, decisions=(), save_dir=None, progress: 
     """
     check_all_active(model, list(decisions))
     reset_eval_caches(model)
-    total = sum(b - a + 1 for a, b in (_tracked_range(dataset, v) for v in dataset.videos))
+    total = sum(b - a + 1 for a, b in (tracked_range(dataset, v) for v in dataset.videos))
     start = time.perf_counter()
     predict_video(model, dataset, dataset.videos[0], max_frames=1)
     warmup = time.perf_counter() - start

@@ -16,9 +16,9 @@ from torch import Tensor
 TAUS = (1, 2, 4)
 
 
-def log2_quantize(x: Tensor, scale: Tensor | float, tau: float, bits: int) -> Tensor:
+def log2_quantize(x: Tensor, scale: Tensor | float, tau: Tensor | float, bits: int) -> Tensor:
     """The log2 fake-quantized x (no gradient handling: callers add the straight-through estimator)."""
-    scale = torch.as_tensor(scale, dtype=x.dtype, device=x.device)
+    scale = torch.as_tensor(scale, dtype=x.dtype, device=x.device)  # tau, too, may be a tensor (a module's buffer)
     x_int = torch.round(-tau * torch.log2(x.clamp_min(torch.finfo(x.dtype).tiny) / scale))
     return torch.where(x_int > 2**bits - 1, 0.0, scale * torch.exp2(-x_int.clamp_min(0) / tau))
 

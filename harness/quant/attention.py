@@ -19,6 +19,7 @@ from sam2.modeling.backbones.hieradet import MultiScaleAttention
 from sam2.modeling.sam.transformer import Attention
 from torch.overrides import TorchFunctionMode
 
+from harness.quant.agq import log2_quantize
 from harness.quant.fastpath import act_quant
 
 ATTENTION_TYPES = (MultiScaleAttention, Attention)
@@ -28,12 +29,14 @@ class Log2Quant(nn.Module):
     """Log2 quantizer of post-softmax probabilities, the base form of PTQ4SAM's AGQ (Lv et al., CVPR 2024).
 
     x_int = round(-tau * log2(x / s)), x_hat = s * 2^(-x_int / tau) for x_int in [0, 2^b - 1], and 0
-    for entries past the range; straight-through gradient.
+    for entries past the range (harness.quant.agq.log2_quantize); straight-through gradient. tau and
+    s are buffers, so a per-module choice (AGQ's search) is saved with the model and its export.
     """
 
     def __init__(self, bits: int, tau: float = 1.0):
         super().__init__()
-        self.bits, self.tau = bits, tau
+        self.bits = bits
+        self.register_buffer("tau", torch.tensor(float(tau)))
         self.register_buffer("scale", torch.ones(()))
         self.disable_quant = False
 
@@ -44,13 +47,11 @@ class Log2Quant(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.disable_quant:
             return x
-        levels = 2**self.bits - 1
-        x_int = torch.round(-self.tau * torch.log2(x.clamp_min(torch.finfo(x.dtype).tiny) / self.scale))
-        x_hat = torch.where(x_int > levels, 0.0, self.scale * torch.exp2(-x_int.clamp_min(0) / self.tau))
+        x_hat = log2_quantize(x, self.scale.to(x.dtype), self.tau.to(x.dtype), self.bits)
         return x + (x_hat - x).detach()
 
     def extra_repr(self) -> str:
-        return f"bits={self.bits}, tau={self.tau}"
+        return f"bits={self.bits}, tau={float(self.tau):g}"
 
 
 class _RouteSDPA(TorchFunctionMode):
