@@ -118,21 +118,19 @@ def _vos_calibrate(model, ds, n):
 
 JF = (Metric("J&F-mean", "J&F"), Metric("J-mean", "J"), Metric("F-mean", "F"))
 for _kind in ("synthetic", "davis"):
-    register(
-        Evaluator(
-            _kind, JF, "jf", "frames/s", _vos_root, _vos_load, lambda ds: ds.check(), _vos_calibrate, _vos_evaluate
-        )
-    )
+    register(Evaluator(_kind, JF, "jf", "frames/s", _vos_root, _vos_load, _check_files, _vos_calibrate, _vos_evaluate))
 
 
 # --- COCO instance segmentation: box prompts, mask mIoU and AP ------------------------------------
 
 
-def _generated_root(cfg: dict, d: dict, results_dir: Path, prefix: str) -> Path:
+def _generated_root(cfg: dict, d: dict, results_dir: Path, prefix: str, frames: bool = False) -> Path:
+    """`root`, or where a set generated from `data.synthetic` goes (named by what it is made with)."""
     s = cfg["data"]["synthetic"]
     if d["root"] is not None:
         return Path(d["root"])
-    return Path(results_dir) / "data" / f"{prefix}-n{s['sequences']}-{s['size']}-seed{s['seed']}"
+    length = f"-t{s['frames']}" if frames else ""
+    return Path(results_dir) / "data" / f"{prefix}-n{s['sequences']}{length}-{s['size']}-seed{s['seed']}"
 
 
 def _coco_root(cfg: dict, d: dict, results_dir: Path) -> Path:
@@ -198,10 +196,7 @@ register(
 
 
 def _sav_root(cfg: dict, d: dict, results_dir: Path) -> Path:
-    s = cfg["data"]["synthetic"]
-    if d["root"] is not None:
-        return Path(d["root"])
-    return Path(results_dir) / "data" / f"sav-n{s['sequences']}-t{s['frames']}-{s['size']}-seed{s['seed']}"
+    return _generated_root(cfg, d, results_dir, "sav", frames=True)
 
 
 def _sav_load(cfg: dict, name: str, d: dict, results_dir: Path):
