@@ -253,3 +253,14 @@ def test_report_names_the_parts_each_run_uses():
     ]
     for run, label in cases:
         assert report_parts(run) == label
+
+
+def test_an_uncalibrated_lsc_activation_clip_quantizes_with_its_start_values():
+    # A quantizer no calibration frame reached must not crash a forward; the all-active check
+    # (harness.quant.state) is what reports it before an evaluation.
+    m = QuantIdentity(act_quant=methods.get("qsam2").act_quant(4), return_quant_tensor=False).eval()
+    clip = m.act_quant.fused_activation_quant_proxy.tensor_quant.scaling_impl
+    assert not clip.calibrated and clip.clip() is None
+    x = torch.linspace(-10, 10, 41)
+    step = torch.tensor(1.0) / 7  # clip alpha x sigma_hat = 1 x 1 at the top code 7
+    assert torch.allclose(m(x), torch.clamp(torch.round(x / step), -8, 7) * step)

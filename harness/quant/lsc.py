@@ -78,13 +78,17 @@ class _Lsc(nn.Module):
         now = statistic(x.detach().float(), self.stat, dims).reshape(self.sigma.shape)
         self.sigma.mul_(self.lsc_momentum).add_((1 - self.lsc_momentum) * now)
 
-    def clip(self) -> Tensor | None:
+    def current(self) -> Tensor:
         # A copy of sigma_hat: the backward of this forward needs today's value, and the buffer is
         # updated in place (DDP broadcasts buffers by identity) by the forwards that follow.
         return (self.alpha * self.sigma.clone()).clamp_min(EPS)
 
+    def clip(self) -> Tensor | None:
+        """The clip with its gradient to alpha (ClipIntQuant), None while there is none to learn."""
+        return self.current()
+
     def step(self) -> Tensor:
-        return self.clip().detach() / self.qp
+        return self.current().detach() / self.qp
 
 
 class LscWeightClip(_Lsc):
@@ -134,4 +138,4 @@ class LscActClip(_CalibratedAct, _Lsc):
         return self.step()
 
     def clip(self) -> Tensor | None:
-        return super().clip() if self.calibrated else None
+        return self.current() if self.calibrated else None
