@@ -79,6 +79,8 @@ class QuantAttentionMixin:
         q, k, v = (act_quant(m.act_quant, t) for m, t in ((self.q_quant, q), (self.k_quant, k), (self.v_quant, v)))
         scores = (q @ k.transpose(-2, -1)) * (scale if scale is not None else 1 / math.sqrt(q.shape[-1]))
         probs = scores.softmax(dim=-1)
+        if (record := getattr(self, "agq_record", None)) is not None:  # AGQ's search (harness.quant.ptq4sam)
+            record(probs, v)
         sm = self.softmax_quant
         probs = act_quant(sm.act_quant, probs) if isinstance(sm, QuantIdentity) else sm(probs)
         if dropout_p:

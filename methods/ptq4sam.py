@@ -1,0 +1,78 @@
+"""PTQ4SAM-style post-training quantization (Lv et al., "PTQ4SAM: Post-Training Quantization for
+Segment Anything", CVPR 2024).
+
+- BIG (`big`): in the mask decoder's token-to-image attentions, keys found bimodal on the calibration
+  frames (a kernel density estimate with two peaks) have each channel's sign folded into the key
+  and query projections before quantization; FP outputs are unchanged.
+- AGQ (`agq`): every quantized attention's post-softmax probabilities get a log2 quantizer whose
+  granularity tau (from `taus`) and scale are searched on the calibration frames against
+  || x_hat V - x V ||. This replaces the policy's softmax quantizer kind.
+- Weights per output channel, symmetric, with the range searched by MSE (`weight_range: mse`; `max`
+  is rtn's); activations per tensor (rtn's min-max, or a percentile).
+- `calib_images` frames (the paper: 32) feed BIG and AGQ; Brevitas's activation calibration uses
+  the run's `data.calib.frames`.
+
+Not built here: the paper's optional block reconstruction (BRECQ / QDrop style). Every quantizer
+is active at evaluation, as the harness checks for every method (the paper's public code left
+half of its activation quantizers disabled there).
+"""
+
+from brevitas.quant import Int8WeightPerChannelFloat
+
+from harness.errors import ConfigError
+from harness.quant import agq
+from harness.quant.attention import Log2Quant
+from harness.quant.ptq4sam import MseWeightStep, integrate_bimodal, search_granularity
+from methods.base import Context, register
+from methods.rtn import RTN
+
+
+@register("ptq4sam")
+class PTQ4SAM(RTN):
+    defaults = {
+        **{k: v for k, v in RTN.defaults.items() if k != "vrc"},
+        "big": True,
+        "agq": True,
+        "taus": list(agq.TAUS),
+        "weight_range": "mse",
+        "calib_images": 32,
+    }
+
+    def __init__(self, **params):
+        super().__init__(**params)
+        p = self.params
+        for key in ("big", "agq"):
+            if not isinstance(p[key], bool):
+                raise ConfigError(f"method.{key}: {p[key]!r}; expected true or false")
+        if not (isinstance(p["taus"], list) and p["taus"] and all(isinstance(t, int) and t > 0 for t in p["taus"])):
+            raise ConfigError(f"method.taus: {p['taus']!r}; expected a list of positive integers, e.g. [1, 2, 4]")
+        if p["weight_range"] not in ("mse", "max"):
+            raise ConfigError(f"method.weight_range: {p['weight_range']!r}; expected 'mse' or 'max'")
+        if not isinstance(p["calib_images"], int) or isinstance(p["calib_images"], bool) or p["calib_images"] < 1:
+            raise ConfigError(f"method.calib_images: {p['calib_images']!r}; expected an integer >= 1")
+
+    def weight_quant(self, bits):
+        if self.params["weight_range"] == "max":
+            return super().weight_quant(bits)
+        return Int8WeightPerChannelFloat.let(bit_width=bits, scaling_impl=MseWeightStep)
+
+    def softmax_quant(self, bits, kind):
+        return Log2Quant(bits) if self.params["agq"] else super().softmax_quant(bits, kind)
+
+    def quantize(self, ctx: Context) -> None:
+        if self.params["big"]:
+            if ctx.calib_feed is None:
+                raise ConfigError("method.big: BIG needs calibration data (this run has no calibration feed)")
+            folded = integrate_bimodal(ctx.student, ctx.calib_feed, self.params["calib_images"])
+            ctx.log({"big/bimodal_modules": float(sum(folded.values())), "big/modules": float(len(folded))})
+        super().quantize(ctx)
+
+    def calibrate(self, ctx: Context) -> None:
+        super().calibrate(ctx)
+        if self.params["agq"] and ctx.calib_feed is not None:
+            chosen = search_granularity(ctx.student, ctx.calib_feed, self.params["calib_images"], self.params["taus"])
+            lines = ["module,tau,scale,error"] + [f"{n},{t:g},{s:.6g},{e:.6g}" for n, (t, s, e) in chosen.items()]
+            ctx.artifact("agq.csv", "\n".join(lines) + "\n")
+            if chosen:
+                taus = [t for t, _, _ in chosen.values()]
+                ctx.log({f"agq/tau{t}_modules": float(taus.count(t)) for t in self.params["taus"]})
