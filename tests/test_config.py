@@ -81,7 +81,7 @@ def test_env_interpolation(tmp_path, monkeypatch):
         ),
         (
             "base:\n  method: {name: gptq}\n",
-            r"method.name: unknown method 'gptq'; expected one of fp, lsq, pact, ptq4sam, qsam2, qsam2_vrc, rtn",
+            r"method.name: unknown method 'gptq'; expected one of fp, lsq, mixqsam, pact, ptq4sam, qsam2, qsam2_vrc, rtn",
         ),
         (
             "matrix: {quant.weight_bit: [2, 4]}\n",

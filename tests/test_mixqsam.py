@@ -1,0 +1,76 @@
+"""Mix-QSAM mixed precision (methods/mixqsam.py, harness/quant/mixqsam.py) on the embedded default."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import methods
+from harness import models
+from harness.data import synthetic
+from harness.data.davis import DavisDataset
+from harness.errors import ConfigError
+from harness.evaluate import vos
+from harness.quant import mixqsam, state
+from harness.quant.export import export, load
+from harness.quant.policy import QuantPolicy
+
+
+@pytest.fixture(scope="module")
+def davis(tmp_path_factory):
+    root = synthetic.generate(tmp_path_factory.mktemp("data") / "davis", sequences=4, frames=3, size=(128, 96), seed=7)
+    return DavisDataset(root, "train"), DavisDataset(root, "val")
+
+
+def test_synergy_and_kl_by_hand():
+    assert mixqsam.synergy([1.0, 1.5, 1.5], eps=0.5) == pytest.approx([math.log(2.0), math.log(3.0)])
+    logits = [torch.tensor([[0.0, 0.0]]), torch.tensor([[2.0, -2.0]])]
+    assert mixqsam.kl(logits, logits) == 0
+    p, q = torch.tensor([0.5, 0.5]), torch.sigmoid(torch.tensor([2.0, -2.0]))
+    q = q / q.sum()
+    expected = float((p * (p / q).log()).sum()) / 2  # the second call matches itself
+    assert mixqsam.kl(logits, [logits[1], logits[1]]) == pytest.approx(expected, rel=1e-5)
+
+
+def test_mixqsam_plan_meets_both_budgets_and_reloads_exactly(davis, tmp_path):
+    torch.manual_seed(0)
+    model = models.build("sam2_small", device="cpu")
+    method = methods.get("mixqsam", calib_images=2)
+    artifacts = {}
+    ctx = methods.Context(
+        {},
+        model,
+        QuantPolicy(weight_bits=4, act_bits=4),
+        calib_feed=lambda m, frames=2: vos.run_frames(m, davis[0], frames),
+    )
+    ctx.artifact = artifacts.__setitem__
+    method.plan(ctx)
+    method.quantize(ctx)
+    method.calibrate(ctx)
+    state.check_all_active(model, ctx.decisions)
+    layers = [d for d in ctx.decisions if d.quantize and d.weight_bits]
+    bits = np.array([d.weight_bits for d in layers])
+    params = np.array([d.params for d in layers])
+    assert set(bits) <= {2, 3, 4, 5, 6} and len(set(bits)) > 1 and all(d.act_bits == d.weight_bits for d in layers)
+    assert 0.95 * 4 * params.sum() <= (params * bits).sum() <= 4 * params.sum()
+    table = artifacts["bit_map.csv"].splitlines()
+    assert table[0] == "layer,params,macs,importance,bits" and len(table) == len(layers) + 1
+    macs = np.array([float(r.split(",")[2]) for r in table[1:]])
+    assert 0.95 * 16 * macs.sum() <= (macs * bits**2).sum() <= 16 * macs.sum() * (1 + 1e-9)
+    preds = vos.predict_sequence(model, davis[1], davis[1].sequences[0])
+    meta = {
+        "model": {"name": "sam2_small", "checkpoint": None, "image_size": 128},
+        "quant": {"weight_bits": 4, "act_bits": 4},
+        "method": {"name": "mixqsam", **method.params},
+    }
+    export(model, tmp_path / "q.pt", meta, ctx.decisions)
+    loaded = load(tmp_path / "q.pt", methods.from_config(meta["method"]))
+    assert np.array_equal(vos.predict_sequence(loaded, davis[1], davis[1].sequences[0]), preds)
+
+
+@pytest.mark.parametrize("bad", [{"base": "lsq"}, {"candidates": [1, 4]}, {"budget_use": 2}, {"calib_images": 0}])
+def test_bad_mixqsam_parameters_are_one_line_errors(bad):
+    with pytest.raises(ConfigError, match=rf"method\.{next(iter(bad))}: ") as e:
+        methods.get("mixqsam", **bad)
+    assert "\n" not in str(e.value)
