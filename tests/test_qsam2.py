@@ -182,7 +182,8 @@ def test_lsc_weight_clip_per_channel_momentum_and_gradient():
 
 
 DAVIS_SUITES = {
-    "davis_2bit": 13,  # fp once, rtn / lsq / pact / qsam2 at W2A4, W2A8, W4A4
+    "davis_2bit": 16,  # fp once, rtn / ptq4sam / lsq / pact / qsam2 at W2A4, W2A8, W4A4
+    "davis_ptq": 7,  # fp once, rtn / ptq4sam / mixqsam at W4A4, W6A6
     "davis_ablation_momentum": 4,
     "davis_ablation_calib": 8,
     "davis_ablation_parts": 11,
@@ -208,7 +209,7 @@ def test_davis_suites_expand_and_validate_on_data_in_the_davis_layout(name, davi
         assert spec.config["data"]["eval"]["root"] == davis_env["DAVIS_ROOT"]
         assert spec.config["model"]["checkpoint"] == davis_env["SAM2_CHECKPOINT"]
     names = {s.config["method"]["name"] for s in suite.runs}
-    assert "qsam2" in names
+    assert ("mixqsam" if name == "davis_ptq" else "qsam2") in names
     monkeypatch.delenv("SAM2_CHECKPOINT")
     with pytest.raises(ConfigError, match=rf"{name}.yaml: .*environment variable SAM2_CHECKPOINT is not set$"):
         load_suite(name)
