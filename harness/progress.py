@@ -7,6 +7,7 @@ QBENCH_PROGRESS_INTERVAL (seconds, default 30) sets the interval.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import sys
@@ -52,10 +53,26 @@ class _Lines:
         pass
 
 
+_quiet = 0
+
+
+@contextlib.contextmanager
+def quiet():
+    """No bars or progress lines inside: a phase that repeats another one (Mix-QSAM runs the
+    calibration frames once per layer) reports its own progress instead."""
+    global _quiet
+    _quiet += 1
+    try:
+        yield
+    finally:
+        _quiet -= 1
+
+
 def progress(
     iterable=None, *, total: int | None = None, desc: str, unit: str, enabled: bool = True, leave=True, initial=0
 ):
     """A tqdm-like bar (iterate over it, or `update(n)` it inside `with`; `set_postfix`)."""
+    enabled = enabled and not _quiet
     if not enabled or sys.stderr.isatty():
         return tqdm(iterable, total=total, desc=desc, unit=unit, leave=leave, disable=not enabled, initial=initial)
     return _Lines(iterable, total, desc, unit, initial)

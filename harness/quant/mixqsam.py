@@ -20,12 +20,14 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
+from harness.progress import progress, quiet
+
 
 def _decoder_logits(model: nn.Module, feed, frames: int) -> list[Tensor]:
     out: list[Tensor] = []
     hook = model.sam_mask_decoder.register_forward_hook(lambda m, i, o: out.append(o[0].detach().float()))
     try:
-        with torch.no_grad():
+        with torch.no_grad(), quiet():
             feed(model, frames)
     finally:
         hook.remove()
@@ -53,7 +55,7 @@ def importance(model: nn.Module, names: list[str], feed, frames: int) -> list[fl
     modules = dict(model.named_modules())
     reference = _decoder_logits(model, feed, frames)
     raw = []
-    for name in names:
+    for name in progress(names, desc="mixqsam importance", unit="layer"):
         hook = modules[name].register_forward_hook(lambda m, i, o: torch.zeros_like(o))
         try:
             raw.append(kl(reference, _decoder_logits(model, feed, frames)))
