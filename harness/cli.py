@@ -95,7 +95,7 @@ def _inspect(args) -> int:
     # Without a suite, inspect the min-max PTQ layout (fp, the default method, quantizes nothing).
     defaults = [] if args.suite else ["method.name=rtn"]
     cfg = base_config(args.suite, [*defaults, f"model.name={args.model}", *args.overrides])
-    report = inspect(cfg)
+    report = inspect(cfg, args.results)
     print(json.dumps(report, indent=1) if args.json else format_text(report))
     return 0
 
@@ -241,6 +241,7 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("overrides", nargs="*", help="dotted overrides, e.g. quant.weight_bits=2 quant.act_bits=4")
     s.add_argument("--suite", help="take quant and method settings from this suite's base")
     s.add_argument("--json", action="store_true", help="one JSON document instead of a table")
+    s.add_argument("--results", default="results", help="where generated calibration data lives (data-driven plans)")
     s.set_defaults(fn=_inspect)
 
     s = sub.add_parser("pretrain-proxy", help="train the embedded default (sam2_small) from scratch and ship it")

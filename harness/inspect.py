@@ -2,18 +2,21 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import methods
-from harness import models
-from harness.quant.policy import QuantPolicy
 from harness.quant.size import model_size
 
 
-def inspect(cfg: dict) -> dict:
+def inspect(cfg: dict, results_dir: str | Path = "results") -> dict:
     """Rows (one per Linear / Conv / attention module) and totals for a run config: its method's
-    plan and swap, without calibration."""
-    model = models.build(cfg["model"]["name"], image_size=cfg["model"]["image_size"], device="cpu")
+    plan and swap, without calibration. A method whose plan or swap reads calibration data (Mix-QSAM's
+    bit map, VRC, BIG) reads the run's calibration frames, generated under `results_dir` if need be."""
+    from harness.runner import context  # the runner opens (and generates) the run's data
+
     method = methods.from_config(cfg["method"])
-    ctx = methods.Context(cfg, model, QuantPolicy.from_config(cfg["quant"]))
+    ctx = context(cfg, Path(results_dir))
+    model = ctx.student
     decisions = method.plan(ctx)
     method.quantize(ctx)
     rows = [

@@ -8,10 +8,12 @@ import torch
 
 import methods
 from harness import models
+from harness.config import base_config
 from harness.data import synthetic
 from harness.data.davis import DavisDataset
 from harness.errors import ConfigError
 from harness.evaluate import vos
+from harness.inspect import inspect
 from harness.quant import mixqsam, state
 from harness.quant.export import export, load
 from harness.quant.policy import QuantPolicy
@@ -74,3 +76,13 @@ def test_bad_mixqsam_parameters_are_one_line_errors(bad):
     with pytest.raises(ConfigError, match=rf"method\.{next(iter(bad))}: ") as e:
         methods.get("mixqsam", **bad)
     assert "\n" not in str(e.value)
+
+
+def test_inspect_shows_the_data_driven_plans(tmp_path):
+    tiny = ["data.synthetic.sequences=2", "data.synthetic.frames=3", "data.synthetic.size=96x64", "data.calib.frames=2"]
+    cfg = base_config(None, ["method.name=mixqsam", "method.calib_images=1", "quant.weight_bits=4", *tiny])
+    rows = [r for r in inspect(cfg, tmp_path)["rows"] if r["quantized"] and r["kind"] != "Attention"]
+    assert {r["weight_bits"] for r in rows} <= {2, 3, 4, 5, 6} and len({r["weight_bits"] for r in rows}) > 1
+    assert all(r["reason"] == f"mixqsam {r['weight_bits']} bits" for r in rows)
+    cfg = base_config(None, ["method.name=qsam2", "method.vrc.calib_images=2", "quant.weight_bits=2", *tiny])
+    assert {r["weight_bits"] for r in inspect(cfg, tmp_path)["rows"] if r["quantized"] and r["weight_bits"]} == {2}
