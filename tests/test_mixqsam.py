@@ -5,6 +5,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from conftest import export_and_reload
 
 import methods
 from harness import models
@@ -15,7 +16,6 @@ from harness.errors import ConfigError
 from harness.evaluate import vos
 from harness.inspect import inspect
 from harness.quant import mixqsam, state
-from harness.quant.export import export, load
 from harness.quant.policy import QuantPolicy
 
 
@@ -61,13 +61,7 @@ def test_mixqsam_plan_meets_both_budgets_and_reloads_exactly(davis, tmp_path):
     macs = np.array([float(r.split(",")[2]) for r in table[1:]])
     assert 0.95 * 16 * macs.sum() <= (macs * bits**2).sum() <= 16 * macs.sum() * (1 + 1e-9)
     preds = vos.predict_sequence(model, davis[1], davis[1].sequences[0])
-    meta = {
-        "model": {"name": "sam2_small", "checkpoint": None, "image_size": 128},
-        "quant": {"weight_bits": 4, "act_bits": 4},
-        "method": {"name": "mixqsam", **method.params},
-    }
-    export(model, tmp_path / "q.pt", meta, ctx.decisions)
-    loaded = load(tmp_path / "q.pt", methods.from_config(meta["method"]))
+    loaded = export_and_reload(model, method, ctx.decisions, 4, 4, tmp_path / "q.pt")
     assert np.array_equal(vos.predict_sequence(loaded, davis[1], davis[1].sequences[0]), preds)
 
 
@@ -86,3 +80,15 @@ def test_inspect_shows_the_data_driven_plans(tmp_path):
     assert all(r["reason"] == f"mixqsam {r['weight_bits']} bits" for r in rows)
     cfg = base_config(None, ["method.name=qsam2", "method.vrc.calib_images=2", "quant.weight_bits=2", *tiny])
     assert {r["weight_bits"] for r in inspect(cfg, tmp_path)["rows"] if r["quantized"] and r["weight_bits"]} == {2}
+
+
+def test_mixqsam_over_ptq4sam_quantizers(davis):
+    torch.manual_seed(0)
+    model = models.build("sam2_small", device="cpu")
+    method = methods.get("mixqsam", base="ptq4sam", calib_images=1)
+    feed = lambda m, frames=3: vos.run_frames(m, davis[0], frames)  # noqa: E731  (memory needs frame 2+)
+    ctx = methods.ptq(method, model, QuantPolicy(weight_bits=4, act_bits=4), feed)
+    state.check_all_active(model, ctx.decisions)
+    kinds = {type(m).__name__ for m in model.modules()}
+    assert {"MseWeightStep", "Log2Quant"} <= kinds  # ptq4sam's quantizers on mixqsam's bits
+    assert len({d.weight_bits for d in ctx.decisions if d.quantize and d.weight_bits}) > 1

@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 import torch
+from conftest import export_and_reload
 
 import methods
 from harness import models
@@ -12,7 +13,6 @@ from harness.errors import ConfigError
 from harness.evaluate import vos
 from harness.quant import big, state
 from harness.quant.attention import Log2Quant
-from harness.quant.export import export, load
 from harness.quant.policy import QuantPolicy
 from harness.quant.ptq4sam import BIG_TARGETS, MseWeightStep, integrate_bimodal
 
@@ -75,13 +75,7 @@ def test_ptq4sam_calibrates_every_attention_and_reloads_exactly(davis, tmp_path)
     step = layer.weight_quant.tensor_quant.scaling_impl.value.reshape(-1)
     assert (step <= layer.weight.detach().abs().amax(1) / 7 + 1e-7).all()  # clips at most max|w|
     preds = vos.predict_sequence(model, davis[1], davis[1].sequences[0])
-    meta = {
-        "model": {"name": "sam2_small", "checkpoint": None, "image_size": 128},
-        "quant": {"weight_bits": 4, "act_bits": 4},
-        "method": {"name": "ptq4sam", **method.params},
-    }
-    export(model, tmp_path / "q.pt", meta, ctx.decisions)
-    loaded = load(tmp_path / "q.pt", methods.from_config(meta["method"]))
+    loaded = export_and_reload(model, method, ctx.decisions, 4, 4, tmp_path / "q.pt")
     assert [float(q.tau) for q in loaded.modules() if isinstance(q, Log2Quant)] == [float(q.tau) for q in logs]
     assert preds[1:].any() and np.array_equal(vos.predict_sequence(loaded, davis[1], davis[1].sequences[0]), preds)
 
