@@ -7,6 +7,7 @@ build the student -> method.plan -> quantize -> calibrate -> train (training met
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import math
 import os
@@ -72,13 +73,16 @@ def context(cfg: dict, results_dir: Path, checkpoint_dir: Path | None = None) ->
             torch.manual_seed(cfg["seed"])
             return build().eval().requires_grad_(False)
 
+    @functools.cache  # opened once: Mix-QSAM feeds the calibration frames once per layer
+    def calib_data():
+        return dataset(cfg, "calib", results_dir)
+
     def calib_feed(model, frames=None):
-        ds = dataset(cfg, "calib", results_dir)
         done = evaluators.get(cfg["data"]["calib"]["kind"]).calibrate(
-            model, ds, frames or cfg["data"]["calib"]["frames"]
+            model, calib_data(), frames or cfg["data"]["calib"]["frames"]
         )
-        if frames and done < frames:  # VRC's calib_images: a sweep value the data cannot give
-            raise ConfigError(f"method.vrc.calib_images: {frames}, but data.calib has only {done}")
+        if frames and done < frames:  # a method's calib_images that the data cannot give
+            raise ConfigError(f"method: {frames} calibration frames asked for (calib_images), data.calib has {done}")
         return done
 
     torch.manual_seed(cfg["seed"])
