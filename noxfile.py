@@ -4,6 +4,7 @@ same pins and pyproject.toml reinstalls nothing.
 
     nox -s suite -- smoke [dotted.key=value ...]
     nox -s report -- smoke
+    nox -s search -- proxy_search [--workers N]
     nox -s tests
     nox -s lint
 """
@@ -85,3 +86,9 @@ def suite(session: nox.Session) -> None:
 def report(session: nox.Session) -> None:
     """Tables and figures of a suite's recorded runs: `nox -s report -- NAME [dotted.key=value ...]`."""
     _harness(session, "report")
+
+
+@nox.session
+def search(session: nox.Session) -> None:
+    """An Optuna search from a suite's `search:` section: `nox -s search -- NAME [--workers N]` (resumable)."""
+    _harness(session, "search")

@@ -45,6 +45,7 @@ class Suite:
     path: Path
     runs: list[RunSpec]
     report: dict = field(default_factory=dict)
+    executor: dict = field(default_factory=dict)  # schema.ExecutorCfg, dumped
 
 
 def find_suite(name: str) -> Path:
@@ -143,6 +144,8 @@ def canonical(cfg: dict, where: str) -> dict:
     out["model"]["weights_sha256"] = card["sha256"] if card else None
     # The device changes results (bf16 autocast on CUDA): resolve it so that it is part of run_key.
     out["device"] = out["device"] or ("cuda" if torch.cuda.is_available() else "cpu")
+    if not out["train"]["eval_every"]:  # added later: runs without it keep their run_keys
+        del out["train"]["eval_every"]
     for part in ("eval", "calib"):  # COCO's detector prompts: in run_key only where used
         d = out["data"][part]
         if d["detections"] is None:
@@ -212,7 +215,7 @@ def load_suite(name: str, overrides: list[str] | None = None) -> Suite:
             seen.add(key)
             shown = {k: v for k, v in combo.items() if _applies(k, cfg)}  # fp's name has no bits
             runs.append(RunSpec(_label({k: dict(parsed).get(k, v) for k, v in shown.items()}), cfg, key))
-    return Suite(suite.name or path.stem, path, runs, suite.report.model_dump())
+    return Suite(suite.name or path.stem, path, runs, suite.report.model_dump(), suite.executor.model_dump())
 
 
 def _known_key(key: str) -> bool:

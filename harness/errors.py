@@ -22,3 +22,7 @@ class CheckpointError(QBenchError):
 
 class NonFiniteError(RuntimeError):
     """A metric or training loss is NaN or infinite: the run is recorded as FAILED with the reason."""
+
+
+class Pruned(Exception):
+    """A search's pruner stopped a run at an intermediate evaluation: recorded KILLED, not FAILED."""

@@ -18,7 +18,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 from mlflow.tracking import MlflowClient  # noqa: E402
 
-from harness.config import Suite, load_suite  # noqa: E402
+from harness.config import Suite, _read, find_suite, load_suite  # noqa: E402
 from harness.errors import ConfigError
 from harness.evaluate import registry as evaluators  # noqa: E402
 
@@ -64,7 +64,17 @@ ERRORBARS = {"elinewidth": 0.7, "capthick": 0.7}  # thinner than the lines: seed
 
 
 def report_suite(name: str, overrides: list[str] | None = None, results_dir="results") -> dict[str, Path]:
-    return report(load_suite(name, overrides), results_dir)
+    """The report of a suite's runs; for a suite file with a `search:` section, the search's report
+    (harness.search_report), and the runs' report too where the file also declares a matrix."""
+    raw, written = _read(find_suite(name)), {}
+    if raw.search is not None:
+        from harness.search import Search
+        from harness.search_report import report_search
+
+        written = report_search(Search(name, overrides, results_dir))
+        if not (raw.matrix or raw.seeds or raw.include):
+            return written
+    return written | report(load_suite(name, overrides), results_dir)
 
 
 def report(suite: Suite, results_dir="results") -> dict[str, Path]:

@@ -26,7 +26,7 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from harness.claims import pid_alive
-from harness.errors import ConfigError
+from harness.errors import ConfigError, Pruned
 
 # MLflow's alembic migrations and its sqlite store log at INFO on every connection.
 for _name in ("alembic", "mlflow.store.db.utils"):
@@ -151,13 +151,16 @@ class Tracker:
                     self.client.set_terminated(run.info.run_id, status="KILLED")
 
     @contextmanager
-    def suite(self, name: str, n_runs: int):
+    def suite(self, name: str, n_runs: int, search: str | None = None):
+        """The parent record of a suite invocation (or of a search worker: tag search=<study>)."""
         self.close_dead_suites()
         with mlflow.start_run(
             experiment_id=self.experiment_id, run_name=f"{name} {time.strftime('%Y-%m-%d %H:%M:%S')}"
         ):
             owner = {"pid": str(os.getpid()), "host": socket.gethostname()}  # for close_dead_suites
             mlflow.set_tags({"kind": "suite", "suite": name, "runs": str(n_runs), **owner, **environment()})
+            if search is not None:
+                mlflow.set_tag("search", search)
             try:
                 yield
             except KeyboardInterrupt:
@@ -175,5 +178,7 @@ class Tracker:
             except BaseException as e:
                 mlflow.set_tag("failure_reason", f"{type(e).__name__}: {e}"[:5000])
                 mlflow.log_text(traceback.format_exc(), "traceback.txt")
-                mlflow.end_run(status="KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")
+                # KILLED, not FAILED, where nothing went wrong with the run: an interrupt, a search's pruner
+                killed = isinstance(e, (KeyboardInterrupt, Pruned))
+                mlflow.end_run(status="KILLED" if killed else "FAILED")
                 raise

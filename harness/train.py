@@ -13,6 +13,7 @@ gradients are averaged by DDP, and rank 0 alone writes checkpoints and records.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import copy
 import datetime
 import math
@@ -31,6 +32,11 @@ from harness.data.clips import ClipDataset, collate
 from harness.errors import NonFiniteError
 from harness.progress import progress as progress_bar
 from harness.quant.swap import weights_once
+
+# Set by a search around a run: called with (value, step) after each intermediate evaluation
+# (train.eval_every); it may raise harness.errors.Pruned to stop the run there.
+reporter: contextvars.ContextVar = contextvars.ContextVar("reporter", default=None)
+
 
 # SAM2's weights for focal, dice, IoU and object-score terms (sam2.1 training configs).
 LOSS_WEIGHTS = {"loss_mask": 20.0, "loss_dice": 1.0, "loss_iou": 1.0, "loss_class": 1.0}
@@ -135,14 +141,38 @@ def train(ctx, method) -> dict:
 
     data = train_data(ctx.cfg, lambda d: dataset(ctx.cfg, d, ctx.results_dir))
     teacher = ctx.teacher if distills(ctx.cfg["train"]["objectives"]) else None
-    history = fit(ctx.student, ctx.cfg, data, ctx.checkpoint_dir, method=method, teacher=teacher, log=ctx.log)[
-        "history"
-    ]
+    on_eval = intermediate_eval(ctx) if ctx.cfg["train"].get("eval_every") else None
+    history = fit(
+        ctx.student, ctx.cfg, data, ctx.checkpoint_dir, method=method, teacher=teacher, log=ctx.log, on_eval=on_eval
+    )["history"]
     # Summary metrics of the run; the per-step curves are already in the record under train/.
     return {
         "train_final_loss": history[-1]["train/loss"],
         "train_step_s": float(np.mean([h["train/step_s"] for h in history])),
     }
+
+
+def intermediate_eval(ctx):
+    """(step) -> the eval set's main metric of the student now, logged as eval/<metric> at that step
+    and handed to the search's reporter, which may stop the run (Pruned)."""
+    from harness.evaluate import registry as evaluators
+    from harness.report import METRICS
+    from harness.runner import dataset
+
+    ev = evaluators.get(ctx.cfg["data"]["eval"]["kind"])
+    key = next(m.key for m in ev.metrics if m.key.replace("&", "_") == METRICS[ev.main][0])
+    eval_data = dataset(ctx.cfg, "eval", ctx.results_dir)
+
+    def evaluate(step: int) -> float:
+        _, summary = ev.evaluate(ctx.student, eval_data, ctx.decisions, save_dir=None, late={})
+        value = float(summary[key])
+        ctx.log({f"eval/{key.replace('&', '_')}": value}, step)
+        report = reporter.get()
+        if report is not None:
+            report(value, step)
+        return value
+
+    return evaluate
 
 
 def train_data(cfg: dict, dataset_for) -> ClipDataset:
@@ -168,6 +198,7 @@ def fit(
     teacher=None,
     log=None,
     progress: bool = True,
+    on_eval=None,
 ) -> dict:
     """Train `model` in place as `cfg["train"]` says.
 
@@ -175,7 +206,9 @@ def fit(
 
     `data`: clips; `checkpoint_dir`: where `last.pt` is written every `checkpoint_every` steps
     and resumed from; `method`: param_groups(), loss_terms(), on_step() (None: every parameter
-    in one group); `teacher`: the FP model for distillation; `log(metrics, step)`: records.
+    in one group); `teacher`: the FP model for distillation; `log(metrics, step)`: records;
+    `on_eval(step)`: an evaluation every `train.eval_every` steps before the last (rank 0 only),
+    with the training random state put back after it, so that it does not change the run.
     """
     # --- config
     t = cfg["train"]
@@ -307,6 +340,13 @@ def fit(
             if rank == 0 and log is not None:
                 log(metrics, done)
             bar.set_postfix(loss=f"{values['loss']:.3f}", refresh=False)
+
+        if on_eval is not None and rank == 0 and done % (t.get("eval_every") or steps) == 0 and done < steps:
+            model.eval()
+            gpus = [device] if device.type == "cuda" else []
+            with torch.random.fork_rng(devices=gpus), _keep_numpy_python_rng():
+                on_eval(done)
+            view.train()
 
         # --- checkpoint
         if ckpt is not None and (done % t["checkpoint_every"] == 0 or done == steps):

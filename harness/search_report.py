@@ -1,0 +1,163 @@
+"""What a search found: its trials table, optimization history, parameter importances, the Pareto
+front of a two-objective study (PNG + PDF), and the best trial written out as a ready suite file.
+
+Written by `qbench report NAME` (`nox -s report -- NAME`) for a suite file with a `search:` section.
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import optuna  # noqa: E402
+import yaml  # noqa: E402
+
+from harness.errors import ConfigError  # noqa: E402
+from harness.report import DPI, METRICS, STYLE  # noqa: E402
+from harness.search import Search  # noqa: E402
+
+STATE = optuna.trial.TrialState
+
+
+def load(search: Search) -> optuna.Study | None:
+    try:
+        return optuna.load_study(study_name=search.study_name, storage=search.storage())
+    except KeyError:
+        return None
+
+
+def _fmt(value) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def _label(alias: str) -> str:
+    return METRICS[alias][3] if alias in METRICS else alias
+
+
+def _shown(alias: str, value: float) -> float:
+    return value * METRICS[alias][1] if alias in METRICS else value
+
+
+def best(search: Search, study: optuna.Study) -> optuna.trial.FrozenTrial | None:
+    """The best trial; of a two-objective study's Pareto front, the one best on the first objective."""
+    if not any(t.state == STATE.COMPLETE for t in study.trials):
+        return None
+    if not search.multi:
+        return study.best_trial
+    sign = 1 if study.directions[0] == optuna.study.StudyDirection.MAXIMIZE else -1
+    return max(study.best_trials, key=lambda t: sign * t.values[0])
+
+
+def summary(search: Search, study: optuna.Study | None = None) -> str:
+    """The trials so far as a markdown table (also what `qbench search` prints)."""
+    study = study or load(search)
+    objective = search.cfg.objective
+    head = f"search {search.study_name} ({search.path}): {search.cfg.n_trials} trials asked"
+    if study is None or not study.trials:
+        return head + ", none run yet"
+    keys = list(search.cfg.space)
+    cols = ["trial", "state", *(_label(m) for m in objective), *keys, "run_key", "note"]
+    lines = [head, "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    top = best(search, study)
+    for t in study.trials:
+        values = [f"{_shown(m, v):.2f}" for m, v in zip(objective, t.values)] if t.values else ["-"] * len(objective)
+        note = [
+            "base config" if t.user_attrs.get("base") else "",
+            "best" if top is not None and t.number == top.number else "",
+            t.user_attrs.get("pruned", ""),
+            "reused " + t.user_attrs["reused_run"][:8] if "reused_run" in t.user_attrs else "",
+            t.user_attrs.get("failure", "")[:80],
+        ]
+        params = [_fmt(t.params[k]) if k in t.params else "" for k in keys]
+        row = [
+            str(t.number),
+            t.state.name,
+            *values,
+            *params,
+            t.user_attrs.get("run_key", ""),
+            "; ".join(n for n in note if n),
+        ]
+        lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines)
+
+
+def best_suite(search: Search, trial: optuna.trial.FrozenTrial) -> dict:
+    """A suite file that runs the best trial's config (the suite's base, the overrides, the trial's values)."""
+    from harness.config import _read
+
+    base = copy.deepcopy(_read(search.path).base)
+    for key, value in search.overrides_and(trial.params):
+        node = base
+        *parents, last = key.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[last] = value
+    values = ", ".join(f"{_label(m)} {_shown(m, v):.2f}" for m, v in zip(search.cfg.objective, trial.values))
+    return {
+        "name": f"{search.name}_best",
+        "description": f"Trial {trial.number} of search {search.study_name} ({values}), written by `qbench report`.",
+        "base": base,
+    }
+
+
+def _save(fig, out: Path, stem: str) -> dict[str, Path]:
+    paths = {f"{stem}.{ext}": out / f"{stem}.{ext}" for ext in ("png", "pdf")}
+    fig.tight_layout()
+    for path in paths.values():
+        fig.savefig(path, dpi=DPI)
+    plt.close(fig)
+    return paths
+
+
+def report_search(search: Search) -> dict[str, Path]:
+    """search.md, best_trial.yaml and the figures under results/<suite>/; returns file name -> path."""
+    study = load(search)
+    if study is None or not any(t.state == STATE.COMPLETE for t in study.trials):
+        raise ConfigError(
+            f"search {search.study_name} has no completed trial; run `nox -s search -- {search.name}` first"
+        )
+    out = search.results_dir / search.name
+    out.mkdir(parents=True, exist_ok=True)
+    written = {"search.md": out / "search.md"}
+    top = best(search, study)
+    text = summary(search, study)
+    base = [t for t in study.trials if t.user_attrs.get("base") and t.state == STATE.COMPLETE]
+    if base:
+        cmp = ", ".join(
+            f"{_label(m)} {_shown(m, b):.2f} -> {_shown(m, v):.2f}"
+            for m, b, v in zip(search.cfg.objective, base[0].values, top.values)
+        )
+        text += f"\n\nBest trial {top.number} against the base config (trial {base[0].number}): {cmp}.\n"
+    written["search.md"].write_text(text + "\n")
+    suite = out / "best_trial.yaml"
+    suite.write_text(yaml.safe_dump(best_suite(search, top), sort_keys=False))
+    written["best_trial.yaml"] = suite
+    objective = search.cfg.objective
+    names = [_label(m) for m in objective]
+
+    def first(t):  # in the unit of the report's tables (J&F in percent)
+        return _shown(objective[0], t.values[0])
+
+    with plt.rc_context(STYLE), warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        if search.multi:
+            ax = optuna.visualization.matplotlib.plot_pareto_front(
+                study, targets=lambda t: [_shown(m, v) for m, v in zip(objective, t.values)], target_names=names
+            )
+            written |= _save(ax.figure, out, "pareto_front")
+        else:
+            ax = optuna.visualization.matplotlib.plot_optimization_history(study, target=first, target_name=names[0])
+            written |= _save(ax.figure, out, "optimization_history")
+            if any(t.intermediate_values for t in study.trials):
+                ax = optuna.visualization.matplotlib.plot_intermediate_values(study)
+                written |= _save(ax.figure, out, "intermediate_values")
+        complete = [t for t in study.trials if t.state == STATE.COMPLETE]
+        if len(complete) >= 2 and len({k for t in complete for k in t.params}) >= 2:
+            ax = optuna.visualization.matplotlib.plot_param_importances(study, target=first, target_name=names[0])
+            written |= _save(ax.figure, out, "param_importances")
+    return written

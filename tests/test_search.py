@@ -1,0 +1,236 @@
+"""Optuna searches on the embedded default: trials as nested MLflow runs, reuse of finished runs,
+pruning, several workers on one journal, resume after SIGKILL, reports, and bad search sections."""
+
+import signal
+import subprocess
+import sys
+import time
+
+import optuna
+import pytest
+import yaml
+from mlflow.tracking import MlflowClient
+
+from harness.config import base_config, load_suite
+from harness.errors import ConfigError
+from harness.runner import prepare
+from harness.search import Search, run_search
+from harness.search_report import report_search
+
+BASE = {
+    "model": {"image_size": 128},
+    "method": {"name": "lsq"},
+    "quant": {"weight_bits": 4, "act_bits": 8},
+    "data": {"synthetic": {"sequences": 2, "frames": 4, "size": "96x64", "seed": 1}, "calib": {"frames": 2}},
+    "train": {
+        "steps": 2,
+        "batch_size": 1,
+        "frames": 2,
+        "eval_every": 1,
+        "log_every": 1,
+        "data": {"kind": "stream", "size": "96x64"},
+    },
+}
+LR = {"type": "float", "low": 1e-4, "high": 1e-2, "log": True}
+S = optuna.trial.TrialState
+
+
+def write(tmp_path, name, search, base=BASE, file=None):
+    path = tmp_path / f"{file or name}.yaml"
+    path.write_text(yaml.safe_dump({"name": name, "base": base, "search": search}))
+    return path
+
+
+def records(results, suite):
+    client = MlflowClient(f"sqlite:///{results / 'mlflow.db'}")
+    exp = client.get_experiment_by_name(suite)
+    return client.search_runs([exp.experiment_id], "tags.kind = 'run'"), client.search_runs(
+        [exp.experiment_id], "tags.kind = 'suite'"
+    )
+
+
+def test_a_search_records_each_trial_as_a_child_run_and_reuses_finished_runs(tmp_path):
+    results = tmp_path / "results"
+    path = write(tmp_path, "s1", {"space": {"train.quant_lr": LR}, "n_trials": 3, "pruner": "none"})
+    study = run_search(Search(str(path), results_dir=results))
+    assert [t.state for t in study.trials] == [S.COMPLETE] * 3
+    assert study.trials[0].user_attrs["base"] and study.trials[0].params == {"train.quant_lr": 1e-3}
+    runs, parents = records(results, "s1")
+    assert len(parents) == 1 and parents[0].data.tags["search"] == "s1"
+    assert len(runs) == 3
+    for run in runs:
+        assert run.info.status == "FINISHED"
+        assert run.data.tags["mlflow.parentRunId"] == parents[0].info.run_id
+        trial = study.trials[int(run.data.tags["search.trial"])]
+        assert trial.user_attrs["run_key"] == run.data.tags["run_key"]
+        assert trial.values[0] == run.data.metrics["J_F-mean"]
+        assert float(run.data.params["train.quant_lr"]) == pytest.approx(trial.params["train.quant_lr"])
+        assert [
+            m.step
+            for m in MlflowClient(f"sqlite:///{results / 'mlflow.db'}").get_metric_history(
+                run.info.run_id, "eval/J_F-mean"
+            )
+        ] == [1]  # the intermediate evaluation, not at the last step (run_one evaluates there)
+
+    # A trial is a run config: another study of the same space starts from the same base config,
+    # whose FINISHED record it reuses instead of running it again.
+    again = write(
+        tmp_path, "s1", {"space": {"train.quant_lr": LR}, "n_trials": 1, "pruner": "none", "study": "s1b"}, file="s1b"
+    )
+    other = run_search(Search(str(again), results_dir=results))
+    assert other.trials[0].user_attrs["reused_run"] == study.trials[0].user_attrs["mlflow_run"]
+    assert other.trials[0].values == study.trials[0].values
+    assert len(records(results, "s1")[0]) == 3
+
+    # The report: history, importances need 2 parameters (one here), the best trial as a suite
+    # file whose run is the best trial's run.
+    written = report_search(Search(str(path), results_dir=results))
+    assert {"search.md", "best_trial.yaml", "optimization_history.png", "intermediate_values.png"} <= set(written)
+    best = max(study.trials, key=lambda t: t.values[0])
+    assert load_suite(str(written["best_trial.yaml"])).runs[0].run_key == best.user_attrs["run_key"]
+    assert f"Best trial {best.number} against the base config (trial 0)" in written["search.md"].read_text()
+
+
+def test_pruning_stops_the_trial_whose_intermediate_value_is_worst(tmp_path):
+    results = tmp_path / "results"
+    space = {"quant.weight_bits": {"type": "categorical", "choices": [2, 8]}}
+    path = write(tmp_path, "s2", {"space": space, "n_trials": 2, "pruner": "median", "startup_trials": 1})
+    search = Search(str(path), results_dir=results)
+    search.cfg.enqueue_base = False
+    study = search.study()
+    study.enqueue_trial({"quant.weight_bits": 8})
+    study.enqueue_trial({"quant.weight_bits": 2})  # 2-bit LSQ after one step: far below 8-bit
+    study = run_search(search)
+    first, second = study.trials
+    assert first.state == S.COMPLETE and second.state == S.PRUNED
+    assert second.intermediate_values[1] < first.intermediate_values[1]
+    assert list(second.intermediate_values) == [1]  # stopped at its first evaluation, not trained on
+    runs, _ = records(results, "s2")
+    pruned = [r for r in runs if r.data.tags["search.trial"] == "1"][0]
+    assert pruned.info.status == "KILLED" and pruned.data.tags["failure_reason"].startswith("Pruned: pruned at step 1")
+    assert "J_F-mean" not in pruned.data.metrics
+
+
+def test_intermediate_evaluations_do_not_change_the_trained_model(tmp_path):
+    overrides = [f"{k}={v}" for k, v in {"model.image_size": 128, "method.name": "lsq", "quant.weight_bits": 4}.items()]
+    overrides += ["data.synthetic.sequences=2", "data.synthetic.frames=4", "data.synthetic.size=96x64"]
+    overrides += ["data.calib.frames=2", "train.steps=2", "train.batch_size=1", "train.frames=2"]
+    overrides += ["train.data.kind=stream", "train.data.size=96x64"]
+    states = []
+    for every in (0, 1):
+        model, _ = prepare(base_config(None, [*overrides, f"train.eval_every={every}"]), tmp_path, {})
+        states.append(model.state_dict())
+    assert states[0].keys() == states[1].keys()
+    changed = [k for k in states[0] if not (states[0][k] == states[1][k]).all()]
+    assert not changed
+
+
+def test_two_workers_share_one_study_without_duplicate_trials(tmp_path):
+    results = tmp_path / "results"
+    path = write(tmp_path, "s3", {"space": {"train.quant_lr": LR}, "n_trials": 4, "pruner": "none"})
+    cmd = [sys.executable, "-m", "harness", "search", str(path), "--results", str(results), "--workers", "2"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    study = optuna.load_study(study_name="s3", storage=Search(str(path), results_dir=results).storage())
+    trials = study.trials
+    # Each worker stops when the budget is used; one may have asked for a trial just before.
+    assert 4 <= len(trials) <= 5 and all(t.state == S.COMPLETE for t in trials)
+    assert len({t.user_attrs["pid"] for t in trials}) == 2, "both workers ran trials"
+    keys = [t.user_attrs["run_key"] for t in trials]
+    assert len(set(keys)) == len(keys)
+    runs, _ = records(results, "s3")
+    assert sorted(r.data.tags["run_key"] for r in runs if r.info.status == "FINISHED") == sorted(keys)
+
+
+def test_a_killed_search_resumes_with_its_finished_trials_kept(tmp_path):
+    results = tmp_path / "results"
+    path = write(tmp_path, "s4", {"space": {"train.quant_lr": LR}, "n_trials": 3, "pruner": "none"})
+    search = Search(str(path), results_dir=results)
+    cmd = [sys.executable, "-m", "harness", "search", str(path), "--results", str(results)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline, before = time.time() + 300, None
+    while time.time() < deadline and before is None:
+        time.sleep(0.5)
+        try:
+            trials = optuna.load_study(study_name="s4", storage=search.storage()).trials
+        except KeyError:
+            continue
+        if any(t.state == S.COMPLETE for t in trials) and any(t.state == S.RUNNING for t in trials):
+            proc.send_signal(signal.SIGKILL)
+            before = trials
+    proc.wait()
+    if before is None:
+        pytest.fail("the search never had a finished and a running trial at once")
+    killed = [t for t in before if t.state == S.RUNNING][0]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    after = optuna.load_study(study_name="s4", storage=search.storage()).trials
+    for t in before:
+        if t.state == S.COMPLETE:
+            assert after[t.number].state == S.COMPLETE and after[t.number].values == t.values
+    assert after[killed.number].state == S.FAIL and after[killed.number].user_attrs["killed"]
+    retry = [t for t in after if t.user_attrs.get("retry_of") == killed.number]
+    assert len(retry) == 1 and retry[0].state == S.COMPLETE and retry[0].params == killed.params
+    assert sum(t.state == S.COMPLETE for t in after) == 3
+    runs, parents = records(results, "s4")
+    assert sorted(r.info.status for r in parents) == ["FINISHED", "KILLED"]
+    assert [r.info.status for r in runs if r.data.tags["run_key"] == killed.user_attrs["run_key"]].count(
+        "FINISHED"
+    ) == 1
+
+
+def test_a_two_objective_search_reports_its_pareto_front(tmp_path):
+    results = tmp_path / "results"
+    base = {**BASE, "method": {"name": "rtn"}, "train": {}}
+    search = {"space": {"quant.weight_bits": {"type": "int", "low": 3, "high": 8}}, "objective": ["jf", "size"]}
+    path = write(tmp_path, "s5", {**search, "n_trials": 3, "population": 2}, base=base)
+    study = run_search(Search(str(path), results_dir=results))
+    assert isinstance(study.sampler, optuna.samplers.NSGAIISampler)
+    assert [d.name for d in study.directions] == ["MAXIMIZE", "MINIMIZE"]
+    written = report_search(Search(str(path), results_dir=results))
+    assert "pareto_front.png" in written and "best_trial.yaml" in written
+    best = load_suite(str(written["best_trial.yaml"])).runs[0]
+    assert best.run_key in {t.user_attrs["run_key"] for t in study.best_trials}
+
+
+@pytest.mark.parametrize(
+    "section, message",
+    [
+        ({"space": {"train.quant_lr": LR}, "n_trial": 3}, "unknown key 'search.n_trial'; did you mean 'n_trials'?"),
+        ({"space": {"train.qant_lr": LR}}, "search.space: unknown run-config key 'train.qant_lr'"),
+        (
+            {"space": {"train.quant_lr": {"type": "float", "low": 1, "high": 1}}},
+            "search.space.train.quant_lr: value error, a float parameter needs low < high",
+        ),
+        ({"space": {"train.lr": {"type": "categorical"}}}, "needs a non-empty list of choices"),
+        ({"space": {"train.lr": {"type": "float", "low": 0, "high": 1, "log": True}}}, "needs low > 0"),
+        ({"space": {}}, "search.space: dictionary should have at least 1 item"),
+        (
+            {"space": {"train.lr": LR}, "objective": ["jf", "size"], "pruner": "median"},
+            "search.pruner: 'median'; Optuna cannot prune multi-objective",
+        ),
+        ({"space": {"train.lr": LR}, "sampler": "cmaes"}, "search.sampler: input should be 'tpe', 'nsga2' or 'random'"),
+        (
+            {"space": {"train.lr": {**LR, "when": {"quant.weight_bit": 4}}}},
+            "search.space.train.lr.when: unknown run-config key 'quant.weight_bit'",
+        ),
+    ],
+)
+def test_a_bad_search_section_is_one_line_naming_the_file_and_key(tmp_path, section, message):
+    path = write(tmp_path, "bad", section)
+    with pytest.raises(ConfigError) as e:
+        Search(str(path), results_dir=tmp_path / "results")
+    assert str(e.value).startswith(str(path)) and message in str(e.value) and "\n" not in str(e.value)
+    assert not (tmp_path / "results").exists()
+
+
+def test_pruning_without_intermediate_evaluations_is_refused(tmp_path):
+    base = {**BASE, "train": {**BASE["train"], "eval_every": 0}}
+    path = write(tmp_path, "noeval", {"space": {"train.lr": LR}}, base=base)
+    with pytest.raises(
+        ConfigError, match=r"search.pruner: median needs intermediate values: set base.train.eval_every"
+    ):
+        Search(str(path))
+    cmd = [sys.executable, "-m", "harness", "search", str(path), "--results", str(tmp_path / "r")]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and done.stderr.count("\n") == 1 and "search.pruner" in done.stderr
