@@ -139,15 +139,22 @@ class Search:
         canonical(copy.deepcopy(self.base), f"{self.path}: base")
 
     # --- the study
-    def storage(self):
+    @property
+    def journal(self) -> Path | None:
+        """The journal file of a journal storage, None for a database URL."""
         s = self.cfg.storage
-        if s is None or s.startswith("journal:"):
+        if s is None:
+            return self.results_dir / "searches" / f"{self.study_name}.journal"
+        return Path(s[len("journal:") :]) if s.startswith("journal:") else None
+
+    def storage(self):
+        if self.journal is not None:
             from optuna.storages import JournalStorage
             from optuna.storages.journal import JournalFileBackend
 
-            path = Path(s[len("journal:") :]) if s else self.results_dir / "searches" / f"{self.study_name}.journal"
-            path.parent.mkdir(parents=True, exist_ok=True)
-            return JournalStorage(JournalFileBackend(str(path)))
+            self.journal.parent.mkdir(parents=True, exist_ok=True)
+            return JournalStorage(JournalFileBackend(str(self.journal)))
+        s = self.cfg.storage
         if "://" not in s:
             raise ConfigError(f"{self.path}: search.storage: {s!r}; expected journal:PATH or a SQLAlchemy URL")
         return optuna.storages.RDBStorage(s)
@@ -206,16 +213,16 @@ class Search:
         return canonical(cfg, f"{self.path}: search trial {chosen}"), chosen
 
     def base_values(self) -> dict:
-        """The base config's values of the space's keys (those that apply to it)."""
-        out = {}
+        """The base config's values of the space's keys (those that apply to it and lie in the space)."""
+        full, out = canonical(copy.deepcopy(self.base), str(self.path)), {}
         for key, p in self.cfg.space.items():
-            value = _value(self.base, key)
-            if value is None and key.startswith("method."):  # a method default the base leaves unset
-                value = _value(canonical(copy.deepcopy(self.base), str(self.path)), key)
-            inside = value in p.choices if p.type == "categorical" else p.low <= value <= p.high
-            applies = all(_value(self.base, k) in (v if isinstance(v, list) else [v]) for k, v in p.when.items())
-            if applies and inside:  # else the base's value is not in the space: that key is sampled
-                out[key] = value
+            value = _value(full, key)
+            if value is None or not all(
+                _value(full, k) in (v if isinstance(v, list) else [v]) for k, v in p.when.items()
+            ):
+                continue
+            if value in p.choices if p.type == "categorical" else p.low <= value <= p.high:
+                out[key] = value  # else that key is sampled
         return out
 
     def overrides_and(self, params: dict) -> list[tuple[str, Any]]:
@@ -250,7 +257,6 @@ def _recover(study: optuna.Study) -> int:
     for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
         pid, host = t.user_attrs.get("pid"), t.user_attrs.get("host")
         if host == socket.gethostname() and pid is not None and pid != os.getpid() and not pid_alive(pid):
-            study._storage.set_trial_user_attr(t._trial_id, "killed", True)
             study.tell(t.number, state=optuna.trial.TrialState.FAIL)
             study.enqueue_trial(t.params, user_attrs={"retry_of": t.number})
             n += 1
@@ -258,14 +264,17 @@ def _recover(study: optuna.Study) -> int:
 
 
 def _budget_used(study: optuna.Study) -> int:
-    return sum(not t.user_attrs.get("killed") for t in study.get_trials(deepcopy=False, states=_COUNTED))
+    """Trials run or running, of all workers; a killed one that was queued again counts once."""
+    trials = study.get_trials(deepcopy=False)
+    retried = {t.user_attrs["retry_of"] for t in trials if "retry_of" in t.user_attrs}
+    return sum(t.state in _COUNTED and t.number not in retried for t in trials)
 
 
 def run_search(search: Search, worker: int = 0) -> optuna.Study:
     """One worker's loop: ask, run the trial's config, tell; until n_trials are used or timeout passes."""
+    from harness.config import Suite
     from harness.progress import progress as bar
-    from harness.runner import preflight, run_one
-    from harness.train import reporter
+    from harness.runner import preflight
 
     c = search.cfg
     study = search.study(worker)
@@ -273,9 +282,8 @@ def run_search(search: Search, worker: int = 0) -> optuna.Study:
         log.info("search %s: %d trial(s) of killed workers queued again", search.study_name, n)
     if c.enqueue_base and worker == 0 and not study.trials:
         study.enqueue_trial(search.base_values(), user_attrs={"base": True})
-    from harness.config import Suite
-
-    preflight(Suite(search.name, search.path, [RunSpec("base", canonical(copy.deepcopy(search.base), ""), "")]))
+    base = canonical(copy.deepcopy(search.base), str(search.path))
+    preflight(Suite(search.name, search.path, [RunSpec("base", base, run_key(base))]), search.results_dir)
     tracker = Tracker(search.results_dir, search.name)
     claims = Claims(search.results_dir / "claims" / search.name)
     start = time.monotonic()
@@ -297,7 +305,7 @@ def run_search(search: Search, worker: int = 0) -> optuna.Study:
                 f"trial {trial.number}: " + ",".join(f"{k.rsplit('.', 1)[-1]}={v}" for k, v in chosen.items()), cfg, key
             )
             try:
-                metrics = _run_trial(spec, trial, search, tracker, claims, run_one, reporter)
+                metrics = _run_trial(spec, trial, search, tracker, claims)
                 study.tell(trial, search.values(metrics))
                 log.info("%s: %s", spec.name, dict(zip(c.objective, search.values(metrics))))
             except Pruned as e:
@@ -313,8 +321,11 @@ def run_search(search: Search, worker: int = 0) -> optuna.Study:
     return study
 
 
-def _run_trial(spec, trial, search, tracker, claims, run_one, reporter) -> dict:
+def _run_trial(spec, trial, search, tracker, claims) -> dict:
     """The trial's metrics: an existing FINISHED record of its run_key, or a new child record."""
+    from harness.runner import run_one
+    from harness.train import reporter
+
     while True:
         done = tracker.finished(spec.run_key)
         if done is not None:

@@ -25,6 +25,8 @@ STATE = optuna.trial.TrialState
 
 
 def load(search: Search) -> optuna.Study | None:
+    if search.journal is not None and not search.journal.is_file():
+        return None  # not created by looking
     try:
         return optuna.load_study(study_name=search.study_name, storage=search.storage())
     except KeyError:

@@ -168,7 +168,7 @@ def test_a_killed_search_resumes_with_its_finished_trials_kept(tmp_path):
     for t in before:
         if t.state == S.COMPLETE:
             assert after[t.number].state == S.COMPLETE and after[t.number].values == t.values
-    assert after[killed.number].state == S.FAIL and after[killed.number].user_attrs["killed"]
+    assert after[killed.number].state == S.FAIL
     retry = [t for t in after if t.user_attrs.get("retry_of") == killed.number]
     assert len(retry) == 1 and retry[0].state == S.COMPLETE and retry[0].params == killed.params
     assert sum(t.state == S.COMPLETE for t in after) == 3
@@ -234,3 +234,31 @@ def test_pruning_without_intermediate_evaluations_is_refused(tmp_path):
     cmd = [sys.executable, "-m", "harness", "search", str(path), "--results", str(tmp_path / "r")]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert done.returncode == 2 and done.stderr.count("\n") == 1 and "search.pruner" in done.stderr
+
+
+def test_a_failed_trial_is_recorded_and_the_search_goes_on(tmp_path):
+    results = tmp_path / "results"
+    base = {**BASE, "method": {"name": "qsam2_vrc"}, "train": {}}
+    space = {"method.vrc.calib_images": {"type": "categorical", "choices": [500, 2]}}
+    search = Search(
+        str(write(tmp_path, "s6", {"space": space, "n_trials": 2, "pruner": "none"}, base=base)), results_dir=results
+    )
+    search.cfg.enqueue_base = False
+    study = search.study()
+    for n in (500, 2):  # the generated calibration split has 4 frames: 500 cannot be had
+        study.enqueue_trial({"method.vrc.calib_images": n})
+    failed, done = run_search(search).trials
+    assert failed.state == S.FAIL and "calibration frames asked for" in failed.user_attrs["failure"]
+    assert done.state == S.COMPLETE
+    runs, _ = records(results, "s6")
+    status = {r.data.tags["search.trial"]: r.info.status for r in runs}
+    assert status == {"0": "FAILED", "1": "FINISHED"}
+
+
+def test_hyperband_and_a_database_storage(tmp_path):
+    url = f"sqlite:///{tmp_path / 'optuna.db'}"
+    section = {"space": {"train.quant_lr": LR}, "pruner": "hyperband", "storage": url, "study": "hb"}
+    search = Search(str(write(tmp_path, "s7", section)), results_dir=tmp_path / "results")
+    study = search.study()
+    assert isinstance(study.pruner, optuna.pruners.HyperbandPruner)
+    assert search.journal is None and optuna.load_study(study_name="hb", storage=url).study_name == "hb"
