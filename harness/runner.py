@@ -17,6 +17,7 @@ from pathlib import Path
 
 import mlflow
 import torch
+from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
 import methods
 from harness import models
@@ -233,9 +234,13 @@ def preflight(suite: Suite, results_dir: str | Path = "results") -> None:
                 raise type(e)(f"{where}: {name}: {e}") from None
 
 
-def run_suite(suite: Suite, results_dir: str | Path = "results") -> tuple[list[dict], list[tuple[str, str]]]:
+def run_suite(
+    suite: Suite, results_dir: str | Path = "results", attempted_since: float | None = None
+) -> tuple[list[dict], list[tuple[str, str]]]:
     """Run every spec not FINISHED and not claimed by a live process; failures are recorded
     (FAILED, reason tag, traceback artifact) and the suite goes on. Returns (summary rows, failures).
+    With `attempted_since` (a time.time()), runs with a record started since then are skipped too:
+    the worker processes of one invocation (harness/executor.py) try a failing run once, not each.
     """
     preflight(suite, results_dir)
     results_dir = Path(results_dir)
@@ -249,26 +254,76 @@ def run_suite(suite: Suite, results_dir: str | Path = "results") -> tuple[list[d
     failed = []
     with tracker.suite(suite.name, len(suite.runs)):
         for spec in progress(suite.runs, desc=f"suite {suite.name}", unit="run"):
-            claim = claims.claim(spec.run_key, lambda s=spec: tracker.finished(s.run_key) is not None)
-            if world > 1:
-                _announce(spec.run_key if claim == "claimed" else None)
-            if claim != "claimed":
-                log.info("skip %s (run_key %s %s)", spec.name, spec.run_key, claim)
-                continue
-            try:
-                tracker.mark_killed(spec.run_key)
-                with tracker.run(spec):
-                    run_one(spec, results_dir, suite.name)
-            except Exception as e:  # noqa: BLE001 - a failed run is recorded; the suite goes on
-                log.error("run %s failed: %s: %s", spec.name, type(e).__name__, e)
-                failed.append((spec.name, f"{type(e).__name__}: {e}"))
-            finally:
-                claims.release(spec.run_key)
+            # Other torchrun ranks follow the run rank 0 claimed (None: skipped).
+            announce = (lambda c, k=spec.run_key: _announce(k if c == "claimed" else None)) if world > 1 else None
+            outcome, reason = run_claimed(
+                spec, suite.name, results_dir, tracker, claims, on_claim=announce, attempted_since=attempted_since
+            )
+            if outcome == "failed":
+                failed.append((spec.name, reason))
     if world > 1:
         _announce(_DONE)
     rows = summary_rows(suite, tracker)
     write_summary(rows, results_dir / suite.name / "summary.md", suite)
     return rows, failed
+
+
+def run_claimed(
+    spec: RunSpec,
+    suite_name: str,
+    results_dir: Path,
+    tracker: Tracker,
+    claims: Claims,
+    parent_run_id: str | None = None,
+    on_claim=None,
+    attempted_since: float | None = None,
+) -> tuple[str, str | None]:
+    """One run of a suite, as every executor runs it: claim it, then run it into a child record.
+
+    Returns (outcome, failure reason): outcome is 'finished', 'busy' or 'attempted' (skipped: FINISHED,
+    claimed by a live process, or with a record since `attempted_since`), 'done' or 'failed' (recorded
+    FAILED with its reason and traceback).
+    `parent_run_id` puts the child under a suite record of another process (a submitit job's
+    submitter); in-process, the active suite record is its parent. `on_claim(claim)` is told the
+    claim's result before anything runs.
+    """
+
+    def done() -> bool:  # checked under the claims' lock
+        if tracker.finished(spec.run_key) is not None:
+            return True
+        return attempted_since is not None and latest_record(tracker, spec.run_key, attempted_since) is not None
+
+    claim = claims.claim(spec.run_key, done)
+    if claim == "finished" and tracker.finished(spec.run_key) is None:
+        claim = "attempted"
+    if on_claim is not None:
+        on_claim(claim)
+    if claim != "claimed":
+        log.info("skip %s (run_key %s %s)", spec.name, spec.run_key, claim)
+        return claim, None
+    try:
+        tracker.mark_killed(spec.run_key)
+        with tracker.run(spec):
+            if parent_run_id is not None:  # the tag by which MLflow nests runs (start_run(parent_run_id=) sets it)
+                mlflow.set_tag(MLFLOW_PARENT_RUN_ID, parent_run_id)
+            run_one(spec, results_dir, suite_name)
+    except Exception as e:  # noqa: BLE001 - a failed run is recorded; the suite goes on
+        log.error("run %s failed: %s: %s", spec.name, type(e).__name__, e)
+        return "failed", f"{type(e).__name__}: {e}"
+    finally:
+        claims.release(spec.run_key)
+    return "done", None
+
+
+def latest_record(tracker: Tracker, key: str, since: float):
+    """The latest record of this run_key started at or after `since` (a time.time()), or None."""
+    runs = tracker.client.search_runs(
+        [tracker.experiment_id],
+        filter_string=f"tags.run_key = '{key}' and attributes.start_time >= {int(since * 1000)}",
+        order_by=["attributes.start_time DESC"],
+        max_results=1,
+    )
+    return runs[0] if runs else None
 
 
 _DONE = "suite done"
