@@ -13,10 +13,13 @@ from harness.errors import ConfigError, QBenchError
 
 
 def _suite(args) -> int:
+    from harness import executor
     from harness.config import load_suite
-    from harness.runner import preflight, run_suite, status
+    from harness.runner import preflight, status
 
     suite = load_suite(args.suite, args.overrides)
+    names = ("workers", "partition", "time", "gpus", "mem", "cpus", "array", "parallelism", "log_folder")
+    cfg = executor.resolve(suite, {"kind": args.executor, **{k: getattr(args, k) for k in names}})
     if args.dry_run:
         preflight(suite, args.results)  # the errors a run would give, before listing it as pending
         states = status(suite, args.results)
@@ -24,11 +27,26 @@ def _suite(args) -> int:
         for spec, state in states:
             print(f"  {spec.run_key}  {state:<8}  {spec.name}")
         return 0
-    rows, failed = run_suite(suite, args.results)
+    rows, failed = executor.run(suite, args.results, args.overrides, cfg, args.attempted_since)
     print(f"{len(rows)}/{len(suite.runs)} runs finished; summary: {args.results}/{suite.name}/summary.md")
     for name, reason in failed:
         print(f"FAILED {name}: {reason}", file=sys.stderr)
     return 1 if failed else 0
+
+
+def _search(args) -> int:
+    from harness.search import Search, run_search, spawn_workers
+    from harness.search_report import summary
+
+    search = Search(args.suite, args.overrides, args.results)  # a bad search section fails here, once
+    if args.dry_run:
+        print(summary(search))
+        return 0
+    if args.workers > 1:
+        return spawn_workers(args.suite, args.overrides, args.results, args.workers)
+    study = run_search(search, worker=args.worker)
+    print(summary(search, study))
+    return 0
 
 
 def _make_data(args) -> int:
@@ -185,6 +203,23 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("overrides", nargs="*", help="dotted overrides, e.g. quant.act_bits=8")
     s.add_argument("--results", default="results", help="results folder (MLflow db, artifacts, tables)")
     s.add_argument("--dry-run", action="store_true", help="list the runs, their run_keys and which are finished")
+    e = s.add_argument_group("executor", "where the runs run; these win over the suite file's executor: section")
+    e.add_argument(
+        "--executor",
+        choices=["local", "gpus", "slurm", "submitit-local"],
+        help="local (default): this process; gpus: one worker per visible GPU; slurm: a submitit job per run; "
+        "submitit-local: submitit jobs on this machine",
+    )
+    e.add_argument("--workers", type=int, help="local: this many worker processes sharing the runs")
+    e.add_argument("--partition", help="slurm partition")
+    e.add_argument("--time", type=int, help="minutes per job (default 60)")
+    e.add_argument("--gpus", type=int, help="GPUs per node of a job (default 0; > 0 runs on cuda)")
+    e.add_argument("--mem", type=int, help="GB of memory per job")
+    e.add_argument("--cpus", type=int, help="CPUs per task")
+    e.add_argument("--array", action=argparse.BooleanOptionalAction, help="slurm: submit one job array")
+    e.add_argument("--parallelism", type=int, help="at most this many jobs at once")
+    e.add_argument("--log-folder", help="submitit's logs (default RESULTS/submitit/SUITE)")
+    e.add_argument("--attempted-since", type=float, help=argparse.SUPPRESS)  # a worker's: its launcher's start
     s.set_defaults(fn=_suite)
 
     s = sub.add_parser("report", help="tables (md, tex, csv) and figures (png, pdf) from a suite's records")
@@ -192,6 +227,15 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("overrides", nargs="*", help="the same dotted overrides the suite was run with")
     s.add_argument("--results", default="results")
     s.set_defaults(fn=_report)
+
+    s = sub.add_parser("search", help="an Optuna search declared in a suite file's search section (resumable)")
+    s.add_argument("suite")
+    s.add_argument("overrides", nargs="*", help="dotted overrides of the base config, e.g. train.steps=6")
+    s.add_argument("--results", default="results")
+    s.add_argument("--workers", type=int, default=1, help="worker processes on this host sharing the study")
+    s.add_argument("--worker", type=int, default=0, help=argparse.SUPPRESS)  # a spawned worker's index
+    s.add_argument("--dry-run", action="store_true", help="validate the search and show its trials so far")
+    s.set_defaults(fn=_search)
 
     s = sub.add_parser("make-data", help="generate a synthetic video dataset in the DAVIS 2017 layout")
     s.add_argument("--out", required=True)

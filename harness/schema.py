@@ -139,6 +139,8 @@ class TrainCfg(Strict):
     data: TrainData = TrainData()
     checkpoint_every: int = Field(50, ge=1)
     log_every: int = Field(10, ge=1)
+    # Evaluate on data.eval every this many steps (0: only at the end), for search pruners and curves
+    eval_every: int = Field(0, ge=0)
 
 
 class EvalCfg(Strict):
@@ -167,6 +169,23 @@ class ReportCfg(Strict):
     figures: list[str | dict[str, Any]] = []
 
 
+class ExecutorCfg(Strict):
+    """How `qbench suite` runs the runs (harness/executor.py); command-line options win over it."""
+
+    # local: this process (workers > 1: that many processes); gpus: one process per visible GPU;
+    # slurm: one submitit job per run (or a job array); submitit-local: submitit's local cluster (testing)
+    kind: Literal["local", "gpus", "slurm", "submitit-local"] = "local"
+    workers: int = Field(1, ge=1)  # local only
+    partition: str | None = None  # the rest: slurm and submitit-local (where it applies)
+    time: int = Field(60, ge=1)  # minutes per job
+    gpus: int = Field(0, ge=0)  # GPUs per node of a job; > 0 also sets device=cuda for the runs
+    mem: int | None = Field(None, ge=1)  # GB per job
+    cpus: int | None = Field(None, ge=1)  # CPUs per task
+    array: bool = False  # slurm: submit one job array instead of one job per run
+    parallelism: int | None = Field(None, ge=1)  # at most this many jobs at once
+    log_folder: str | None = None  # submitit's logs; default <results>/submitit/<suite>
+
+
 class SuiteFile(Strict):
     name: str | None = None
     description: str | None = None
@@ -177,6 +196,7 @@ class SuiteFile(Strict):
     exclude: list[dict[str, Any]] = []
     report: ReportCfg = ReportCfg()
     search: dict[str, Any] | None = None
+    executor: ExecutorCfg = ExecutorCfg()
 
 
 def _fields_at(model: type[BaseModel], loc: tuple) -> list[str]:
