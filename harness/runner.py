@@ -17,7 +17,6 @@ from pathlib import Path
 
 import mlflow
 import torch
-from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
 import methods
 from harness import models
@@ -303,9 +302,7 @@ def run_claimed(
         return claim, None
     try:
         tracker.mark_killed(spec.run_key)
-        with tracker.run(spec):
-            if parent_run_id is not None:  # the tag by which MLflow nests runs (start_run(parent_run_id=) sets it)
-                mlflow.set_tag(MLFLOW_PARENT_RUN_ID, parent_run_id)
+        with tracker.run(spec, parent_run_id=parent_run_id):
             run_one(spec, results_dir, suite_name)
     except Exception as e:  # noqa: BLE001 - a failed run is recorded; the suite goes on
         log.error("run %s failed: %s: %s", spec.name, type(e).__name__, e)

@@ -26,7 +26,6 @@ import time
 from pathlib import Path
 from typing import Any, Literal
 
-import mlflow
 import optuna
 from pydantic import Field, model_validator
 
@@ -336,8 +335,7 @@ def _run_trial(spec, trial, search, tracker, claims) -> dict:
         time.sleep(2)  # the same config is running in another worker: wait for its record
     try:
         tracker.mark_killed(spec.run_key)
-        with tracker.run(spec) as run:
-            mlflow.set_tags({"search.study": search.study_name, "search.trial": str(trial.number)})
+        with tracker.run(spec, tags={"search.study": search.study_name, "search.trial": str(trial.number)}) as run:
             trial.set_user_attr("mlflow_run", run.info.run_id)
 
             def report(value: float, step: int) -> None:

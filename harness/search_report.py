@@ -160,6 +160,10 @@ def report_search(search: Search) -> dict[str, Path]:
                 written |= _save(ax.figure, out, "intermediate_values")
         complete = [t for t in study.trials if t.state == STATE.COMPLETE]
         if len(complete) >= 2 and len({k for t in complete for k in t.params}) >= 2:
-            ax = optuna.visualization.matplotlib.plot_param_importances(study, target=first, target_name=names[0])
+            # fANOVA explains the variance of the target whatever its direction (Optuna 5's default
+            # evaluator, PED-ANOVA, ranks parameters for reaching low values, wrong for J&F).
+            ax = optuna.visualization.matplotlib.plot_param_importances(
+                study, evaluator=optuna.importance.FanovaImportanceEvaluator(seed=0), target=first, target_name=names[0]
+            )
             written |= _save(ax.figure, out, "param_importances")
     return written

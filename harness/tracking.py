@@ -24,6 +24,7 @@ from pathlib import Path
 import mlflow
 import torch
 from mlflow.tracking import MlflowClient
+from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
 from harness.claims import pid_alive
 from harness.errors import ConfigError, Pruned
@@ -168,10 +169,14 @@ class Tracker:
                 raise
 
     @contextmanager
-    def run(self, spec):
-        """A child run; an exception marks it FAILED with the reason as a tag, then propagates."""
-        with mlflow.start_run(experiment_id=self.experiment_id, run_name=spec.name, nested=True) as run:
-            mlflow.set_tags({"kind": "run", "run_key": spec.run_key, "suite": self.experiment, **environment()})
+    def run(self, spec, tags: dict | None = None, parent_run_id: str | None = None):
+        """A child run (of the active record, or of `parent_run_id`: a suite record of another process);
+        an exception marks it FAILED with the reason as a tag, then propagates."""
+        # Tagged as it is created: a kill right after must not leave a record without its run_key.
+        tags = {"kind": "run", "run_key": spec.run_key, "suite": self.experiment, **environment(), **(tags or {})}
+        if parent_run_id is not None:
+            tags[MLFLOW_PARENT_RUN_ID] = parent_run_id
+        with mlflow.start_run(experiment_id=self.experiment_id, run_name=spec.name, nested=True, tags=tags) as run:
             mlflow.log_params(flatten(spec.config))
             try:
                 yield run
