@@ -107,6 +107,27 @@ def best_suite(search: Search, trial: optuna.trial.FrozenTrial) -> dict:
     }
 
 
+def _versions(search: Search) -> str:
+    """The versions, commits and devices of the trials' records (the study itself records none)."""
+    from mlflow.tracking import MlflowClient
+
+    from harness.tracking import Tracker
+
+    tracker = Tracker(search.results_dir, search.name, create=False)
+    if tracker.experiment_id is None:
+        return ""
+    runs = MlflowClient(tracker.uri).search_runs(
+        [tracker.experiment_id], f"tags.`search.study` = '{search.study_name}'"
+    )
+    seen: dict[str, set] = {}
+    for run in runs:
+        for key, value in run.data.tags.items():
+            if key.startswith("version.") or key in ("git_commit", "device"):
+                seen.setdefault(key, set()).add(value)
+    lines = [f"- {k}: {', '.join(sorted(v))}" for k, v in sorted(seen.items())]
+    return f"\n\nVersions, commit and device of the {len(runs)} trial records:\n\n" + "\n".join(lines) + "\n"
+
+
 def _save(fig, out: Path, stem: str) -> dict[str, Path]:
     paths = {f"{stem}.{ext}": out / f"{stem}.{ext}" for ext in ("png", "pdf")}
     fig.tight_layout()
@@ -135,6 +156,7 @@ def report_search(search: Search) -> dict[str, Path]:
             for m, b, v in zip(search.cfg.objective, base[0].values, top.values)
         )
         text += f"\n\nBest trial {top.number} against the base config (trial {base[0].number}): {cmp}.\n"
+    text += _versions(search)
     written["search.md"].write_text(text + "\n")
     suite = out / "best_trial.yaml"
     suite.write_text(yaml.safe_dump(best_suite(search, top), sort_keys=False))
