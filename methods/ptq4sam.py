@@ -9,18 +9,27 @@ Segment Anything", CVPR 2024).
   || x_hat V - x V ||. This replaces the policy's softmax quantizer kind.
 - Weights per output channel, symmetric, with the range searched by MSE (`weight_range: mse`; `max`
   is rtn's); activations per tensor (rtn's min-max, or a percentile).
-- `calib_images` frames (the paper: 32) feed BIG and AGQ; Brevitas's activation calibration uses
-  the run's `data.calib.frames`.
+- `calib_images` frames (the paper: 32) feed BIG, AGQ and reconstruction; Brevitas's activation
+  calibration uses the run's `data.calib.frames`.
+- Optional block reconstruction after calibration (`recon: {enabled: true}`, the paper's BRECQ /
+  QDrop step; harness.quant.reconstruct): block by block (`recon.blocks`, default the image
+  encoder's Hiera blocks and the mask decoder's two-way layers), the block's activation quantizer
+  steps (not the weights' steps, not AdaRound's rounding) are learned for `recon.iters` Adam
+  steps at `recon.lr` (relative: on log(step)) so that its outputs match the FP
+  teacher's on the calibration frames, with QDrop's drop (`recon.drop_prob`) inside the block
+  during those steps only. Per-block output errors before and after go to the artifact
+  `recon.csv` and their means to the run's metrics (recon/...). Off by default, and then absent
+  from the parameters, so that the run_key of runs without it stays what it was.
 
-Not built here: the paper's optional block reconstruction (BRECQ / QDrop style). Every quantizer
-is active at evaluation, as the harness checks for every method (the paper's public code left
-half of its activation quantizers disabled there).
+Every quantizer is active at evaluation, as the harness checks for every method (the paper's
+public code left half of its activation quantizers disabled there, a QDrop drop probability left
+at 0.5); here the drop exists only as hooks inside the reconstruction loop.
 """
 
 from brevitas.quant import Int8WeightPerChannelFloat
 
 from harness.errors import ConfigError
-from harness.quant import agq
+from harness.quant import agq, reconstruct
 from harness.quant.attention import Log2Quant
 from harness.quant.ptq4sam import MseWeightStep, integrate_bimodal, search_granularity
 from methods.base import Context, register
@@ -36,6 +45,7 @@ class PTQ4SAM(RTN):
         "taus": list(agq.TAUS),
         "weight_range": "mse",
         "calib_images": 32,
+        "recon": {},
     }
 
     def __init__(self, **params):
@@ -50,6 +60,9 @@ class PTQ4SAM(RTN):
             raise ConfigError(f"method.weight_range: {p['weight_range']!r}; expected 'mse' or 'max'")
         if not isinstance(p["calib_images"], int) or isinstance(p["calib_images"], bool) or p["calib_images"] < 1:
             raise ConfigError(f"method.calib_images: {p['calib_images']!r}; expected an integer >= 1")
+        p["recon"] = reconstruct.check(p["recon"])
+        if not p["recon"]["enabled"]:
+            del p["recon"]  # off: out of run_key, so runs without reconstruction stay what they were
 
     def weight_quant(self, bits):
         if self.params["weight_range"] == "max":
@@ -76,3 +89,24 @@ class PTQ4SAM(RTN):
             if chosen:
                 taus = [t for t, _, _ in chosen.values()]
                 ctx.log({f"agq/tau{t}_modules": float(taus.count(t)) for t in self.params["taus"]})
+        if "recon" in self.params:
+            self.reconstruct(ctx)
+
+    def reconstruct(self, ctx: Context) -> list[dict]:
+        """Block reconstruction against the FP teacher (harness.quant.reconstruct); logs what it did."""
+        if ctx.calib_feed is None:
+            raise ConfigError("method.recon: reconstruction needs calibration data (this run has no calibration feed)")
+        built = "teacher" in ctx.__dict__
+        rows = reconstruct.reconstruct(
+            ctx.student,
+            ctx.teacher,
+            ctx.calib_feed,
+            self.params["calib_images"],
+            self.params["recon"],
+            seed=ctx.cfg.get("seed", 0),
+        )
+        if not built:  # built here for this step only: free its memory before evaluation
+            del ctx.__dict__["teacher"]
+        ctx.artifact("recon.csv", reconstruct.table(rows))
+        ctx.log(reconstruct.summary(rows))
+        return rows

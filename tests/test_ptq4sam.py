@@ -7,11 +7,12 @@ from conftest import export_and_reload
 
 import methods
 from harness import models
+from harness.config import base_config, run_key
 from harness.data import synthetic
 from harness.data.davis import DavisDataset
 from harness.errors import ConfigError
 from harness.evaluate import vos
-from harness.quant import big, state
+from harness.quant import big, reconstruct, state
 from harness.quant.attention import Log2Quant
 from harness.quant.policy import QuantPolicy
 from harness.quant.ptq4sam import BIG_TARGETS, MseWeightStep, integrate_bimodal
@@ -84,4 +85,119 @@ def test_ptq4sam_calibrates_every_attention_and_reloads_exactly(davis, tmp_path)
 def test_bad_ptq4sam_parameters_are_one_line_errors(bad):
     with pytest.raises(ConfigError, match=rf"method\.{next(iter(bad))}: ") as e:
         methods.get("ptq4sam", **bad)
+    assert "\n" not in str(e.value)
+
+
+RECON = {"enabled": True, "iters": 20, "lr": 0.03, "drop_prob": 0.5}
+
+
+@pytest.fixture(scope="module")
+def reconstructed(davis):
+    """A W4A4 ptq4sam run with reconstruction (few steps, 2 calibration frames), as the runner makes it."""
+
+    def teacher():
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            return models.build("sam2_small", device="cpu").eval().requires_grad_(False)
+
+    torch.manual_seed(0)
+    model = models.build("sam2_small", device="cpu")
+    method = methods.get("ptq4sam", calib_images=2, recon=RECON)
+    logs, artifacts = {}, {}
+    ctx = methods.Context(
+        {"seed": 0},
+        model,
+        QuantPolicy(weight_bits=4, act_bits=4),
+        make_teacher=teacher,
+        calib_feed=_feed(davis[0]),
+        log=lambda metrics, step=None: logs.update(metrics),
+        artifact=lambda name, text: artifacts.update({name: text}),
+    )
+    method.plan(ctx)
+    method.quantize(ctx)
+    method.calibrate(ctx)
+    return method, ctx, logs, artifacts
+
+
+def _rows(csv: str) -> list[dict]:
+    head, *lines = csv.strip().splitlines()
+    return [dict(zip(head.split(","), line.split(","))) for line in lines]
+
+
+def test_reconstruction_leaves_every_quantizer_active_and_no_drop(reconstructed, davis):
+    method, ctx, logs, _ = reconstructed
+    model = ctx.student
+    assert "teacher" not in ctx.__dict__  # built for reconstruction only, then freed
+    state.check_all_active(model, ctx.decisions)
+    found = state.quantizers(model)
+    assert found and all(not getattr(q, "act_quant", q).disable_quant for _, q in found.values())
+    assert not [n for n, m in model.named_modules() if m._forward_hooks or m._forward_pre_hooks]  # no drop hook left
+    assert logs["recon/blocks"] == 10 and logs["recon/kept_blocks"] >= 1
+    model.eval()
+    first = _logits(model, davis[1])
+    assert torch.equal(_logits(model, davis[1]), first)  # deterministic: no random drop at evaluation
+
+
+def test_qdrop_drops_inside_its_block_only(reconstructed, davis):
+    _, ctx, _, _ = reconstructed
+    block = ctx.student.get_submodule("image_encoder.trunk.blocks.0")
+    x = torch.randn(1, 32, 32, block.dim)
+    with torch.no_grad():
+        plain = block(x)
+        with reconstruct.qdrop(block, 0.5, torch.Generator().manual_seed(0)) as hooks:
+            dropped = [block(x), block(x)]
+        assert hooks > 0 and not torch.equal(dropped[0], dropped[1]) and not torch.equal(dropped[0], plain)
+        assert torch.equal(block(x), plain)
+
+
+def test_reconstruction_lowers_the_blocks_output_error(reconstructed, davis):
+    method, ctx, logs, artifacts = reconstructed
+    rows = _rows(artifacts["recon.csv"])
+    assert [r["block"] for r in rows] == [f"image_encoder.trunk.blocks.{i}" for i in range(8)] + [
+        f"sam_mask_decoder.transformer.layers.{i}" for i in range(2)
+    ]
+    for r in rows:
+        before, after = float(r["mse_before"]), float(r["mse_after"])
+        assert after < before if r["kept"] == "true" else after == before, r
+    assert sum(r["kept"] == "true" for r in rows) >= 8
+    assert logs["recon/rel_after"] < 0.9 * logs["recon/rel_before"]
+    assert logs["recon/mse_after"] < logs["recon/mse_before"]
+    # The recorded error is the model's: the last Hiera block, on its inputs now, against a fresh FP
+    # teacher. (Not a decoder layer: its inputs on later frames depend, through the memory, on the
+    # decoder's own outputs, which reconstructing a later layer changes.)
+    last = rows[7]["block"]
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        teacher = models.build("sam2_small", device="cpu").eval()
+    feed = _feed(davis[0])
+    targets = reconstruct.capture_outputs(teacher, feed, 2, [last])[last]
+    calls = reconstruct.capture_inputs(ctx.student, feed, 2, [last])[last]
+    mse, _ = reconstruct.block_error(ctx.student.get_submodule(last), calls, targets)
+    assert mse == pytest.approx(float(rows[7]["mse_after"]), rel=1e-4)
+
+
+def test_reconstructed_model_reloads_exactly(reconstructed, davis, tmp_path):
+    method, ctx, _, _ = reconstructed
+    assert method.params["recon"]["enabled"]
+    preds = vos.predict_sequence(ctx.student, davis[1], davis[1].sequences[0])
+    loaded = export_and_reload(ctx.student, method, ctx.decisions, 4, 4, tmp_path / "q.pt")
+    state.check_all_active(loaded, ctx.decisions)
+    assert preds[1:].any() and np.array_equal(vos.predict_sequence(loaded, davis[1], davis[1].sequences[0]), preds)
+
+
+def test_reconstruction_off_keeps_the_run_key():
+    plain = base_config(None, ["method.name=ptq4sam"])
+    assert "recon" not in plain["method"]
+    off = base_config(None, ["method.name=ptq4sam", "method.recon={enabled: false, iters: 5}"])
+    on = base_config(None, ["method.name=ptq4sam", "method.recon={enabled: true}"])
+    assert run_key(off) == run_key(plain) != run_key(on)
+    assert on["method"]["recon"] == {**reconstruct.DEFAULTS, "enabled": True}
+
+
+@pytest.mark.parametrize(
+    "bad", [{"iters": -1}, {"lr": 0}, {"drop_prob": 1.0}, {"blocks": []}, {"enabled": "yes"}, {"steps": 3}]
+)
+def test_bad_reconstruction_settings_are_one_line_errors(bad):
+    with pytest.raises(ConfigError, match=rf"method\.recon\.{next(iter(bad))}: ") as e:
+        methods.get("ptq4sam", recon={"enabled": True, **bad})
     assert "\n" not in str(e.value)
