@@ -82,6 +82,14 @@ def visible_gpus() -> list[str]:
     return listed[:n] if listed else [str(i) for i in range(n)]
 
 
+def worker_env(n: int) -> dict:
+    """The environment of one of `n` worker processes on this machine: each gets its share of the
+    CPU threads unless OMP_NUM_THREADS is set (torch's default, every core each, oversubscribes)."""
+    env = dict(os.environ)
+    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // n)))
+    return env
+
+
 def workers(
     suite: Suite, results_dir: str | Path, overrides: list[str], n: int | None, gpus: list[str] | None = None
 ) -> tuple[list[dict], list[tuple[str, str]]]:
@@ -94,8 +102,9 @@ def workers(
     cmd = [sys.executable, "-m", "harness", "suite", str(suite.path.resolve()), *overrides]
     start, procs = time.time(), []
     cmd += ["--results", str(results_dir), "--executor", "local", "--workers", "1", "--attempted-since", str(start)]
-    for i in range(len(gpus) if gpus is not None else n):
-        env = dict(os.environ)
+    count = len(gpus) if gpus is not None else n
+    for i in range(count):
+        env = worker_env(count)
         if gpus is not None:
             env["CUDA_VISIBLE_DEVICES"] = gpus[i]
         procs.append(subprocess.Popen(cmd, env=env))

@@ -354,21 +354,8 @@ def _run_trial(spec, trial, search, tracker, claims) -> dict:
 
 def spawn_workers(name: str, overrides: list[str], results_dir: str | Path, workers: int) -> int:
     """`workers` processes of `qbench search` on one study; returns the worst exit status."""
-    procs = [
-        subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "harness",
-                "search",
-                name,
-                *overrides,
-                "--results",
-                str(results_dir),
-                "--worker",
-                str(i),
-            ]
-        )
-        for i in range(workers)
-    ]
+    from harness.executor import worker_env
+
+    cmd = [sys.executable, "-m", "harness", "search", name, *overrides, "--results", str(results_dir)]
+    procs = [subprocess.Popen([*cmd, "--worker", str(i)], env=worker_env(workers)) for i in range(workers)]
     return max(p.wait() for p in procs)

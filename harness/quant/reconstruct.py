@@ -124,38 +124,38 @@ def _normal(t: Tensor) -> Tensor:
 
 
 @torch.no_grad()
-def capture_inputs(model: nn.Module, feed, frames: int, names: list[str]) -> dict[str, list[tuple]]:
-    """{block: [(args, kwargs) of each call]} while `feed(model, frames)` runs."""
-    seen: dict[str, list[tuple]] = {n: [] for n in names}
-    hooks = [
-        model.get_submodule(n).register_forward_pre_hook(
-            lambda mod, args, kwargs, n=n: seen[n].append((_map(_keep, args), _map(_keep, kwargs))), with_kwargs=True
-        )
-        for n in names
-    ]
+def _capture(model: nn.Module, feed, frames: int, names: list[str], attach) -> dict[str, list]:
+    """{block: what `attach(block, calls)`'s hook appended to calls} while `feed(model, frames)` runs."""
+    seen: dict[str, list] = {n: [] for n in names}
+    hooks = [attach(model.get_submodule(n), seen[n]) for n in names]
     try:
         feed(model, frames)
     finally:
         for h in hooks:
             h.remove()
+    return seen
+
+
+def capture_inputs(model: nn.Module, feed, frames: int, names: list[str]) -> dict[str, list[tuple]]:
+    """{block: [(args, kwargs) of each call]} while `feed(model, frames)` runs."""
+
+    def attach(block, calls):
+        def hook(mod, args, kwargs):
+            calls.append((_map(_keep, args), _map(_keep, kwargs)))
+
+        return block.register_forward_pre_hook(hook, with_kwargs=True)
+
+    seen = _capture(model, feed, frames, names, attach)
     return {n: [(_map(_normal, a), _map(_normal, k)) for a, k in calls] for n, calls in seen.items()}
 
 
-@torch.no_grad()
 def capture_outputs(model: nn.Module, feed, frames: int, names: list[str]) -> dict[str, list[list[Tensor]]]:
     """{block: [output tensors of each call]} while `feed(model, frames)` runs."""
-    seen: dict[str, list[list[Tensor]]] = {n: [] for n in names}
-    hooks = [
-        model.get_submodule(n).register_forward_hook(
-            lambda mod, args, out, n=n: seen[n].append([_keep(t) for t in _tensors(out)])
-        )
-        for n in names
-    ]
-    try:
-        feed(model, frames)
-    finally:
-        for h in hooks:
-            h.remove()
+
+    def attach(block, calls):
+        return block.register_forward_hook(lambda mod, args, out: calls.append([_keep(t) for t in _tensors(out)]))
+
+    seen = _capture(model, feed, frames, names, attach)
     return {n: [[_normal(t) for t in outs] for outs in calls] for n, calls in seen.items()}
 
 
