@@ -115,7 +115,6 @@ class Search:
         for key, value in map(parse_override, self.overrides):
             set_dotted(self.base, key, value, "command-line override")
         self._check()
-        self.report = suite.report.model_dump()
 
     def _check(self) -> None:
         where, c = f"{self.path}: search", self.cfg
