@@ -233,7 +233,9 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("overrides", nargs="*", help="dotted overrides of the base config, e.g. train.steps=6")
     s.add_argument("--results", default="results")
     s.add_argument("--workers", type=int, default=1, help="worker processes on this host sharing the study")
-    s.add_argument("--worker", type=int, default=0, help=argparse.SUPPRESS)  # a spawned worker's index
+    s.add_argument(
+        "--worker", type=int, default=0, help="this worker's index, for workers started by hand (seeds its sampler)"
+    )
     s.add_argument("--dry-run", action="store_true", help="validate the search and show its trials so far")
     s.set_defaults(fn=_search)
 

@@ -59,6 +59,10 @@ def find_suite(name: str) -> Path:
 
 
 def run_key(config: dict) -> str:
+    # train.eval_every only adds evaluations along the way (the trained model is the same, tested):
+    # a search trial and a suite run of one config share their key and their record.
+    if "eval_every" in config["train"]:
+        config = {**config, "train": {k: v for k, v in config["train"].items() if k != "eval_every"}}
     # sort_keys would hide the order of quant.bits entries, and there later entries win.
     bits = list(config["quant"]["bits"])
     payload = {**config, "_bits_order": bits} if len(bits) > 1 else config

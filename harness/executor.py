@@ -107,7 +107,8 @@ def workers(
         env = worker_env(count)
         if gpus is not None:
             env["CUDA_VISIBLE_DEVICES"] = gpus[i]
-        procs.append(subprocess.Popen(cmd, env=env))
+        # Its own session: a Ctrl-C in the terminal reaches the workers once, forwarded below, not twice.
+        procs.append(subprocess.Popen(cmd, env=env, start_new_session=True))
     what = f"GPUs {','.join(gpus)}" if gpus is not None else "CPU"
     log.info("suite %s: %d worker processes (%s), pids %s", suite.name, len(procs), what, [p.pid for p in procs])
     try:

@@ -17,6 +17,7 @@ again by the next worker to start; finished trials are kept.
 from __future__ import annotations
 
 import copy
+import fcntl
 import logging
 import os
 import socket
@@ -29,7 +30,7 @@ from typing import Any, Literal
 import optuna
 from pydantic import Field, model_validator
 
-from harness.claims import Claims, pid_alive
+from harness.claims import Claims, clean_scratch, pid_alive
 from harness.config import (
     DEFAULTS,
     RunSpec,
@@ -69,6 +70,8 @@ class Param(Strict):
             raise ValueError(f"a {self.type} parameter needs low < high")
         elif self.log and self.low <= 0:
             raise ValueError("a log-scaled parameter needs low > 0")
+        elif self.log and self.step is not None:
+            raise ValueError("a log-scaled parameter cannot have a step (Optuna samples one or the other)")
         return self
 
 
@@ -126,6 +129,15 @@ class Search:
                     raise ConfigError(f"{where}.space.{key}.when: unknown run-config key {cond!r}")
         if not 1 <= len(c.objective) <= 2:
             raise ConfigError(f"{where}.objective: {c.objective!r}; expected one metric or two (e.g. [jf, size])")
+        from harness.evaluate import registry as evaluators
+        from harness.report import METRICS
+
+        logged = {m.key.replace("&", "_") for m in evaluators.get(self.base["data"]["eval"]["kind"]).metrics}
+        logged |= {"packed_bytes", "ratio_vs_bf16", "bits_per_weight", "fps"}
+        for m in c.objective:
+            if m not in METRICS and m not in logged:
+                known = ", ".join([*METRICS, *sorted(logged)])
+                raise ConfigError(f"{where}.objective: unknown metric {m!r}; expected one of {known}")
         multi = len(c.objective) == 2
         if multi and c.pruner not in (None, "none"):
             raise ConfigError(f"{where}.pruner: {c.pruner!r}; Optuna cannot prune multi-objective studies, use none")
@@ -166,32 +178,34 @@ class Search:
         return len(self.cfg.objective) == 2
 
     def study(self, worker: int = 0) -> optuna.Study:
-        c, seed = self.cfg, self.cfg.seed + worker  # workers draw different samples
-        sampler = c.sampler or ("nsga2" if self.multi else "tpe")
-        if sampler == "tpe":
-            sampler = optuna.samplers.TPESampler(seed=seed, n_startup_trials=max(c.startup_trials, 1))
-        elif sampler == "nsga2":
-            sampler = optuna.samplers.NSGAIISampler(
-                seed=seed, **({"population_size": c.population} if c.population else {})
-            )
-        else:
-            sampler = optuna.samplers.RandomSampler(seed=seed)
+        c = self.cfg
         pruner = c.pruner or ("none" if self.multi else "median")
         if pruner == "median":
             pruner = optuna.pruners.MedianPruner(n_startup_trials=c.startup_trials, n_warmup_steps=0)
         elif pruner == "hyperband":
-            steps = self.base["train"]["steps"]
-            pruner = optuna.pruners.HyperbandPruner(min_resource=self.base["train"]["eval_every"], max_resource=steps)
+            t = self.base["train"]
+            pruner = optuna.pruners.HyperbandPruner(min_resource=t["eval_every"], max_resource=t["steps"])
         else:
             pruner = optuna.pruners.NopPruner()
-        return optuna.create_study(
+        study = optuna.create_study(
             study_name=self.study_name,
             storage=self.storage(),
             directions=[direction(m) for m in c.objective],
-            sampler=sampler,
             pruner=pruner,
             load_if_exists=True,
         )
+        # Workers, and a worker resuming a study, draw different samples: the trials so far are part
+        # of the seed (the same seed again would repeat the first samples, each reusing a record).
+        seed = c.seed + 1000 * worker + len(study.trials)
+        sampler = c.sampler or ("nsga2" if self.multi else "tpe")
+        if sampler == "tpe":
+            study.sampler = optuna.samplers.TPESampler(seed=seed, n_startup_trials=max(c.startup_trials, 1))
+        elif sampler == "nsga2":
+            population = {"population_size": c.population} if c.population else {}
+            study.sampler = optuna.samplers.NSGAIISampler(seed=seed, **population)
+        else:
+            study.sampler = optuna.samplers.RandomSampler(seed=seed)
+        return study
 
     # --- a trial's run config
     def sample(self, trial: optuna.trial.BaseTrial) -> tuple[dict, dict]:
@@ -249,15 +263,31 @@ _COUNTED = (
 )
 
 
-def _recover(study: optuna.Study) -> int:
-    """Close as FAIL the RUNNING trials of dead workers on this host and queue their parameters again."""
-    n = 0
-    for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
-        pid, host = t.user_attrs.get("pid"), t.user_attrs.get("host")
-        if host == socket.gethostname() and pid is not None and pid != os.getpid() and not pid_alive(pid):
-            study.tell(t.number, state=optuna.trial.TrialState.FAIL)
-            study.enqueue_trial(t.params, user_attrs={"retry_of": t.number})
-            n += 1
+def _dead(t: optuna.trial.FrozenTrial) -> bool:
+    """A RUNNING trial whose worker on this host is gone, or that never got its worker's pid (a kill
+    right after asking) a minute after it started."""
+    pid, host = t.user_attrs.get("pid"), t.user_attrs.get("host")
+    if pid is None:
+        return t.datetime_start is not None and time.time() - t.datetime_start.timestamp() > 60
+    return host == socket.gethostname() and pid != os.getpid() and not pid_alive(pid)
+
+
+def _prepare(search: Search, study: optuna.Study) -> int:
+    """Once per start, whichever worker comes first (a file lock): close as FAIL the RUNNING trials
+    of dead workers and queue their parameters again, and queue the base config as trial 0."""
+    lock = search.results_dir / "searches" / f"{search.study_name}.lock"
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock, "a+") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        n, trials = 0, study.get_trials(deepcopy=False)
+        for t in trials:
+            if t.state == optuna.trial.TrialState.RUNNING and _dead(t):
+                study.tell(t.number, state=optuna.trial.TrialState.FAIL)
+                keep = {k: v for k, v in t.user_attrs.items() if k == "base"}
+                study.enqueue_trial(t.params, user_attrs={"retry_of": t.number, **keep})
+                n += 1
+        if search.cfg.enqueue_base and not any(t.user_attrs.get("base") for t in trials):
+            study.enqueue_trial(search.base_values(), user_attrs={"base": True})
     return n
 
 
@@ -275,11 +305,11 @@ def run_search(search: Search, worker: int = 0) -> optuna.Study:
     from harness.runner import preflight
 
     c = search.cfg
+    for path in clean_scratch(search.results_dir):
+        log.info("removed %s, left by a process that died", path)
     study = search.study(worker)
-    if (n := _recover(study)) and worker == 0:
+    if n := _prepare(search, study):
         log.info("search %s: %d trial(s) of killed workers queued again", search.study_name, n)
-    if c.enqueue_base and worker == 0 and not study.trials:
-        study.enqueue_trial(search.base_values(), user_attrs={"base": True})
     base = canonical(copy.deepcopy(search.base), str(search.path))
     preflight(Suite(search.name, search.path, [RunSpec("base", base, run_key(base))]), search.results_dir)
     tracker = Tracker(search.results_dir, search.name)
@@ -293,8 +323,8 @@ def run_search(search: Search, worker: int = 0) -> optuna.Study:
             trial.set_user_attr("host", socket.gethostname())
             try:
                 cfg, chosen = search.sample(trial)
-            except ConfigError as e:  # a sampled combination the schema or a method rejects
-                trial.set_user_attr("failure", str(e))
+            except Exception as e:  # noqa: BLE001 - a sampled combination the schema or a method rejects
+                trial.set_user_attr("failure", f"{type(e).__name__}: {e}"[:2000])
                 study.tell(trial, state=optuna.trial.TrialState.FAIL)
                 continue
             key = run_key(cfg)

@@ -222,6 +222,8 @@ def fit(
     image_data.frames = 1
 
     # --- model: SAM2's training forward over the student's own modules; the teacher likewise
+    if on_eval is not None and world > 1:  # rank 0 alone would evaluate while the others wait in a collective
+        raise ValueError("train.eval_every: intermediate evaluations run in one process, not under torchrun")
     view = models.training_view(model, cfg["model"]["name"], cfg["model"]["image_size"], t["prompts"])
     view.train()
     net = view

@@ -205,6 +205,11 @@ def test_a_two_objective_search_reports_its_pareto_front(tmp_path):
         ({"space": {"train.lr": {"type": "categorical"}}}, "needs a non-empty list of choices"),
         ({"space": {"train.lr": {"type": "float", "low": 0, "high": 1, "log": True}}}, "needs low > 0"),
         ({"space": {}}, "search.space: dictionary should have at least 1 item"),
+        ({"space": {"train.lr": {**LR, "step": 1e-4}}}, "a log-scaled parameter cannot have a step"),
+        (
+            {"space": {"train.lr": LR}, "objective": ["jnf"]},
+            "search.objective: unknown metric 'jnf'; expected one of jf,",
+        ),
         (
             {"space": {"train.lr": LR}, "objective": ["jf", "size"], "pruner": "median"},
             "search.pruner: 'median'; Optuna cannot prune multi-objective",
