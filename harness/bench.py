@@ -10,7 +10,9 @@ FP and quantized calls alternate, so both see the same machine load; ratios are 
 
 from __future__ import annotations
 
+import copy
 import statistics
+import sys
 import tempfile
 import time
 
@@ -19,7 +21,7 @@ import torch
 from tqdm.auto import tqdm
 
 import methods
-from harness import models, train
+from harness import memory, models, train
 from harness.config import base_config
 from harness.data import synthetic
 from harness.data.clips import collate
@@ -93,12 +95,16 @@ def run(policy: QuantPolicy, model_list=DEFAULT_MODELS, repeats=5, method="rtn")
 TRAIN_CASES = [("lsq", 4, 4), ("pact", 4, 8), ("qsam2", 2, 8)]
 
 
-def bench_train_model(name, image_size, cases=TRAIN_CASES, rounds=3, batch=4, frames=4) -> dict:
-    """Median time of one training step per case and of one FP step, in alternating rounds."""
-    overrides = [f"model.name={name}", "method.name=lsq", "train.steps=2", "train.log_every=1"]
-    overrides += [f"train.batch_size={batch}", f"train.frames={frames}", "train.data.kind=stream"]
-    overrides += [f"model.image_size={image_size}"] if image_size else []
-    cfg = base_config(None, overrides)
+def bench_train_model(
+    name, image_size, cases=TRAIN_CASES, rounds=3, batch=4, frames=4, breakdown=False, overrides=(), limit=None
+) -> dict:
+    """Median time and peak memory of one training step per case and of one FP step, in
+    alternating rounds (round 0 warms up when there are several). `breakdown`: also the bytes
+    saved for backward by one forward, by part of the model and module class (harness.memory)."""
+    base = [f"model.name={name}", "method.name=lsq", "train.steps=2", "train.log_every=1"]
+    base += [f"train.batch_size={batch}", f"train.frames={frames}", "train.data.kind=stream"]
+    base += [f"model.image_size={image_size}"] if image_size else []
+    cfg = base_config(None, [*base, *overrides])
     data = train.train_data(cfg, None)
     torch.manual_seed(0)
     fp = models.build(name, image_size=image_size, device="cpu")
@@ -117,29 +123,71 @@ def bench_train_model(name, image_size, cases=TRAIN_CASES, rounds=3, batch=4, fr
         methods.ptq(method, q, QuantPolicy(weight_bits=w, act_bits=a), feed)
         entries.append((f"{method_name} W{w}A{a}", q, method))
     times = {label: [] for label, _, _ in entries}
-    for r in tqdm(range(rounds + 1), desc=f"bench --train {name}", unit="round", disable=None):
+    peaks = {label: [] for label, _, _ in entries}
+    saved = {}
+    warm = int(rounds > 1)
+    for r in tqdm(range(rounds + warm), desc=f"bench --train {name}", unit="round", disable=None):
         for label, model, method in entries:
-            # Step 1 of each fit allocates the optimizer state: time step 2 only; round 0 warms up.
-            step_s = train.fit(model, cfg, data, method=method, progress=False)["history"][-1]["train/step_s"]
-            if r:
+            if breakdown and r == 0:
+                saved[label] = _saved_bytes(model, cfg, data, method)
+                total = sum(saved[label].values()) / 2**30
+                tqdm.write(f"{label}: one forward saves {total:.2f} GiB for backward", file=sys.stderr)
+            # Step 1 of each fit allocates the optimizer state: time step 2 only.
+            with memory.rss_guard(limit, f"bench --train {label}"), memory.Peak("cpu") as peak:
+                step_s = train.fit(model, cfg, data, method=method, progress=False)["history"][-1]["train/step_s"]
+            if r >= warm:
                 times[label].append(step_s)
-    fp_s = statistics.median(times["fp"])
-    out = {"model": name, "image_size": fp.image_size, "batch": batch, "frames": frames, "fp_s": fp_s}
-    out["cases"] = {
-        k: {"step_s": statistics.median(v), "ratio": statistics.median(v) / fp_s} for k, v in times.items() if k != "fp"
-    }
+                peaks[label].append(peak.above)
+    n = batch * frames
+    out = {"model": name, "image_size": fp.image_size, "batch": batch, "frames": frames}
+    out["cases"] = {}
+    for label in times:
+        step_s, above = statistics.median(times[label]), max(peaks[label]) if None not in peaks[label] else None
+        c = {"step_s": step_s, "step_s_per_frame": step_s / n, "peak_bytes": above}
+        c["peak_bytes_per_frame"] = above / n if above is not None else None
+        c["ratio"] = step_s / statistics.median(times["fp"])
+        fp_peak = out["cases"].get("fp", {}).get("peak_bytes")
+        c["peak_ratio"] = above / fp_peak if fp_peak and above is not None else None
+        if label in saved:
+            c["saved_for_backward"] = saved[label]
+        out["cases"][label] = c
     return out
+
+
+def _saved_bytes(model, cfg, data, method) -> dict:
+    """Bytes one training forward saves for backward, by part and module class (not kept)."""
+    one = {**cfg, "train": {**cfg["train"], "steps": 1}}
+    model = copy.deepcopy(model)  # the step would change the weights
+    with memory.saved_for_backward(model) as table:
+        try:
+            train.fit(model, one, data, method=method, progress=False)
+        except RuntimeError as e:
+            if "dropped the saved tensors" not in str(e):
+                raise
+    return {f"{part} {cls}": b for (part, cls), b in table.items()}
 
 
 def format_train(results: list[dict]) -> str:
     lines = [f"one training step, QAT over FP; torch threads {torch.get_num_threads()}"]
-    lines.append(f"{'model':<16} {'size':>5} {'clips':>9} {'case':<12} {'fp s':>7} {'qat s':>7} {'ratio':>6}")
+    lines.append("peak: memory above the resident models during the step (CPU: RSS; CUDA: allocated)")
+    head = f"{'model':<16} {'size':>5} {'clips':>9} {'case':<12} {'step s':>8} {'s/frame':>8} {'ratio':>6}"
+    lines.append(head + f" {'peak GiB':>9} {'GiB/frame':>9} {'ratio':>6}")
+    gib = 2**30
     for r in results:
         for case, c in r["cases"].items():
+            peak = c["peak_bytes"]
+            mem = (
+                f" {peak / gib:>9.2f} {c['peak_bytes_per_frame'] / gib:>9.3f} "
+                + (f"{c['peak_ratio']:>5.2f}x" if c["peak_ratio"] else f"{'':>6}")
+                if peak is not None
+                else f" {'n/a':>9}"
+            )
             lines.append(
                 f"{r['model']:<16} {r['image_size']:>5} {r['batch']:>3}x{r['frames']:<2}fr {case:<12} "
-                f"{r['fp_s']:>7.2f} {c['step_s']:>7.2f} {c['ratio']:>5.2f}x"
+                f"{c['step_s']:>8.2f} {c['step_s_per_frame']:>8.2f} {c['ratio']:>5.2f}x" + mem
             )
+            for where, b in list(c.get("saved_for_backward", {}).items())[:8]:
+                lines.append(f"{'':<20} saved for backward {b / gib:>7.2f} GiB  {where}")
     return "\n".join(lines)
 
 

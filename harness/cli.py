@@ -132,10 +132,22 @@ def _bench(args) -> int:
     policy = QuantPolicy.from_config(base_config(None, ["method.name=rtn", *args.overrides])["quant"])
     model_list = [(m, None if m == "sam2_small" else args.image_size) for m in args.models]
     if args.train:
-        results = [
-            bench.bench_train_model(m, size, rounds=args.repeats, **(SMALL_CLIPS if m == "sam2_small" else LARGE_CLIPS))
-            for m, size in model_list
-        ]
+        extra = [o for o in args.overrides if o.startswith("train.")]
+        limit = int(args.limit_gb * 2**30) if args.limit_gb else None
+        cases = bench.TRAIN_CASES
+        if args.cases is not None:
+            cases = [(n, int(w), int(a)) for n, w, a in (c.split(":") for c in args.cases.split(",") if c)]
+        results = []
+        for m, size in model_list:
+            clips = SMALL_CLIPS if m == "sam2_small" else LARGE_CLIPS
+            if args.clips:
+                b, _, f = args.clips.partition("x")
+                clips = {"batch": int(b), "frames": int(f)}
+            results.append(
+                bench.bench_train_model(
+                    m, size, cases, args.repeats, breakdown=args.breakdown, overrides=extra, limit=limit, **clips
+                )
+            )
         print(json.dumps(results, indent=1) if args.json else bench.format_train(results))
         return 0
     results = bench.run(policy, model_list, repeats=args.repeats, method=args.method)
@@ -314,6 +326,10 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--train", action="store_true", help="time QAT training steps instead of evaluation")
     s.add_argument("--repeats", type=int, default=5, help="timed repeats (--train: rounds of steps) after a warm-up")
     s.add_argument("--json", action="store_true", help="print the results as JSON")
+    s.add_argument("--clips", help="--train: clips x frames per step, e.g. 1x2 (default: by model)")
+    s.add_argument("--cases", help="--train: METHOD:W:A,... (default lsq:4:4,pact:4:8,qsam2:2:8; '' for FP alone)")
+    s.add_argument("--breakdown", action="store_true", help="--train: bytes saved for backward, by module")
+    s.add_argument("--limit-gb", type=float, help="--train on CPU: stop when resident memory passes this")
     s.set_defaults(fn=_bench)
     return p
 
