@@ -53,25 +53,32 @@ class _FakeQuant(torch.autograd.Function):
     fused op each way, with as few passes over the tensor as the gradients allow: Brevitas's chain
     of a dozen elementwise ops (and its round-then-clamp, which counts v in [Qp, Qp + 0.5) as
     inside) made QAT steps 3x FP on the small model, where activations are wide and layers thin.
+    Backward keeps x (often kept anyway by the op before) and recomputes v and q from it: keeping
+    v, q and the mask cost 9 bytes per element, most of a QAT step's memory at 1024 px.
     """
 
     @staticmethod
-    def forward(ctx, x, scale, zero_point, lo: float, hi: float):
+    def _codes(x, scale, zero_point, plain: bool, lo: float, hi: float):
         v = x / scale
-        plain = not zero_point.requires_grad and zero_point.numel() == 1 and float(zero_point) == 0
         if not plain:
             v = v + zero_point
         clamped = torch.clamp(v, lo, hi)
-        inside = clamped == v
-        q = torch.round(clamped)
-        ctx.save_for_backward(v, q, inside, scale, zero_point)
-        ctx.plain = plain
+        return v, clamped, torch.round(clamped)
+
+    @staticmethod
+    def forward(ctx, x, scale, zero_point, lo: float, hi: float):
+        plain = not zero_point.requires_grad and zero_point.numel() == 1 and float(zero_point) == 0
+        _, _, q = _FakeQuant._codes(x, scale, zero_point, plain, lo, hi)
+        ctx.save_for_backward(x, scale, zero_point)
+        ctx.plain, ctx.lo, ctx.hi = plain, lo, hi
         return q * scale if plain else (q - zero_point) * scale
 
     @staticmethod
     def backward(ctx, g):
-        v, q, inside, scale, zero_point = ctx.saved_tensors
-        grad_x = g * inside
+        x, scale, zero_point = ctx.saved_tensors
+        v, clamped, q = _FakeQuant._codes(x, scale, zero_point, ctx.plain, ctx.lo, ctx.hi)
+        grad_x = g * (clamped == v)
+        del clamped
         grad_s = grad_z = None
         if ctx.needs_input_grad[1]:
             if scale.numel() == 1 and ctx.plain:  # sum g * q - sum (g inside) * v, no temporaries
@@ -87,13 +94,14 @@ class _ClipFakeQuant(torch.autograd.Function):
     """round(clamp(x / s, Qn, Qp)) * s with s = c / Qp for a learned clip c (per tensor or per output
     channel), and PACT's gradients: d/dx = 1 inside and 0 clipped; a clipped output is q * c / Qp,
     so d/dc = q / Qp there (1 above c, Qn / Qp below the lower bound: -1 for PACT's symmetric
-    codes, 0 for unsigned ones) and 0 inside, with no LSQ-like inside term."""
+    codes, 0 for unsigned ones) and 0 inside, with no LSQ-like inside term. Backward keeps only
+    the side of each element (int8: 1 above the range, -1 below, 0 inside)."""
 
     @staticmethod
     def forward(ctx, x, clip, scale, lo: float, hi: float):
         v = x / scale
         clamped = torch.clamp(v, lo, hi)
-        ctx.save_for_backward(v - clamped)  # > 0 above the range, < 0 below it, 0 inside
+        ctx.save_for_backward(torch.sign(v - clamped).to(torch.int8))
         ctx.lo, ctx.hi, ctx.clip_shape = lo, hi, clip.shape
         return torch.round(clamped) * scale
 
@@ -101,7 +109,7 @@ class _ClipFakeQuant(torch.autograd.Function):
     def backward(ctx, g):
         (over,) = ctx.saved_tensors
         if ctx.lo == -ctx.hi:
-            side = torch.sign(over)
+            side = over.to(g.dtype)
         else:
             side = (over > 0).to(g.dtype) + (over < 0).to(g.dtype) * (ctx.lo / ctx.hi)
         if len(ctx.clip_shape) == 0 or ctx.clip_shape.numel() == 1:

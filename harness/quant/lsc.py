@@ -20,6 +20,7 @@ import torch.nn as nn
 from torch import Tensor
 
 from harness.quant.learned import EPS, _CalibratedAct, _reduce_dims, int_range
+from harness.quant.recompute import statistics_frozen
 
 STATISTICS = ("std", "absmean", "absmax")
 MSE_GRID = 40  # clip candidates f * max|x|, f in (0, 1]
@@ -74,7 +75,10 @@ class _Lsc(nn.Module):
 
     @torch.no_grad()
     def update(self, x: Tensor, dims: list[int] | None = None) -> None:
-        """sigma_hat <- m * sigma_hat + (1 - m) * stat(x): one training batch."""
+        """sigma_hat <- m * sigma_hat + (1 - m) * stat(x): one training batch. Micro-batches after
+        the first of a step leave it (harness.quant.recompute), as one unsplit batch would."""
+        if statistics_frozen():
+            return
         now = statistic(x.detach().float(), self.stat, dims).reshape(self.sigma.shape)
         self.sigma.mul_(self.lsc_momentum).add_((1 - self.lsc_momentum) * now)
 

@@ -37,7 +37,7 @@ class _FastQuantLayer:
     def forward(self, x):
         if x.dtype != self.weight.dtype and not torch.is_autocast_enabled(x.device.type):
             x = x.to(self.weight.dtype)
-        if self.export_mode or self.output_quant.is_quant_enabled or self.bias_quant.is_quant_enabled:
+        if _brevitas_path(self):
             return super().forward(x)
         if self.training or torch.is_grad_enabled():
             # QAT, reconstruction: the cached weight is detached, so quantize it with autograd on;
@@ -63,6 +63,10 @@ class _FastQuantLayer:
             self._eval_weight_cache = (w.value if isinstance(w, QuantTensor) else w).detach()
             self._eval_weight_key = key
         return self._eval_weight_cache
+
+
+def _brevitas_path(layer) -> bool:
+    return layer.export_mode or layer.output_quant.is_quant_enabled or layer.bias_quant.is_quant_enabled
 
 
 class QLinear(_FastQuantLayer, QuantLinear):
@@ -111,17 +115,24 @@ def _quant_layer(module: nn.Module, weight_quant, act_quant) -> nn.Module:
 
 
 @contextlib.contextmanager
-def weights_once(model: nn.Module):
+def weights_once(model: nn.Module, eager: list[nn.Module] = ()):
     """Within the block, each quantized layer fake-quantizes its weight on first use and reuses it.
 
     One training forward of SAM2 calls the decoder's layers once per frame and corrective click,
     and re-quantizing the same weight each time was a large part of a QAT step. The weights do
     not change inside a forward (the optimizer steps after backward), so this is exact; the
-    shared tensor stays in the autograd graph, and is dropped on exit.
+    shared tensor stays in the autograd graph, and is dropped on exit. Layers inside the `eager`
+    modules quantize their weight on entry: a checkpointed block (harness.quant.recompute) runs
+    twice, and both runs must read one quantized weight made outside it.
     """
     layers = list(quant_layers(model).values())
     for layer in layers:
         layer.__dict__["_share_weight"] = True
+    for block in eager:
+        for layer in quant_layers(block).values():
+            if layer.__dict__.get("_forward_weight") is None and not _brevitas_path(layer):
+                w = layer.quant_weight()
+                layer.__dict__["_forward_weight"] = w.value if isinstance(w, QuantTensor) else w
     try:
         yield
     finally:
