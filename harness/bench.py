@@ -101,6 +101,7 @@ def bench_train_model(
     """Median time and peak memory of one training step per case and of one FP step, in
     alternating rounds (round 0 warms up when there are several). `breakdown`: also the bytes
     saved for backward by one forward, by part of the model and module class (harness.memory)."""
+    memory.return_freed()
     base = [f"model.name={name}", "method.name=lsq", "train.steps=2", "train.log_every=1"]
     base += [f"train.batch_size={batch}", f"train.frames={frames}", "train.data.kind=stream"]
     base += [f"model.image_size={image_size}"] if image_size else []

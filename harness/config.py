@@ -58,11 +58,15 @@ def find_suite(name: str) -> Path:
     raise ConfigError(f"suite {name!r} not found (looked for suites/{name}.yaml); known suites: {', '.join(known)}")
 
 
+OUT_OF_KEY = {"eval_every", "checkpoint_blocks"}
+
+
 def run_key(config: dict) -> str:
     # train.eval_every only adds evaluations along the way (the trained model is the same, tested):
     # a search trial and a suite run of one config share their key and their record.
-    if "eval_every" in config["train"]:
-        config = {**config, "train": {k: v for k, v in config["train"].items() if k != "eval_every"}}
+    # train.checkpoint_blocks changes memory and time only (the same gradients, tested).
+    if set(config["train"]) & OUT_OF_KEY:
+        config = {**config, "train": {k: v for k, v in config["train"].items() if k not in OUT_OF_KEY}}
     # sort_keys would hide the order of quant.bits entries, and there later entries win.
     bits = list(config["quant"]["bits"])
     payload = {**config, "_bits_order": bits} if len(bits) > 1 else config
@@ -148,8 +152,9 @@ def canonical(cfg: dict, where: str) -> dict:
     out["model"]["weights_sha256"] = card["sha256"] if card else None
     # The device changes results (bf16 autocast on CUDA): resolve it so that it is part of run_key.
     out["device"] = out["device"] or ("cuda" if torch.cuda.is_available() else "cpu")
-    if not out["train"]["eval_every"]:  # added later: runs without it keep their run_keys
-        del out["train"]["eval_every"]
+    for key in ("eval_every", "micro_batch"):  # added later: runs without them keep their run_keys
+        if not out["train"][key]:
+            del out["train"][key]
     for part in ("eval", "calib"):  # COCO's detector prompts: in run_key only where used
         d = out["data"][part]
         if d["detections"] is None:

@@ -122,6 +122,12 @@ class Objectives(Strict):
 class TrainCfg(Strict):
     steps: int = Field(0, ge=0)
     batch_size: int = Field(4, ge=1)  # clips per step (global, over all DDP ranks)
+    # Clips in memory at once on a rank (0: its whole share); gradients accumulate over the
+    # micro-batches to those of batch_size clips, the loss weighted as one batch's
+    micro_batch: int = Field(0, ge=0)
+    # Recompute the image encoder's blocks and memory attention's layers in backward instead of
+    # keeping their activations (torch.utils.checkpoint; same gradients, about 30% more time)
+    checkpoint_blocks: bool = True
     frames: int = Field(4, ge=1)  # clip length T
     image_fraction: float = Field(0.0, ge=0, le=1)  # share of steps that are single images
     lr: float = Field(1e-4, gt=0)

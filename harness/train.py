@@ -26,11 +26,13 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel as DDP
 
 from harness import models
 from harness.data.clips import ClipDataset, collate
 from harness.errors import NonFiniteError
 from harness.progress import progress as progress_bar
+from harness.quant import recompute
 from harness.quant.swap import weights_once
 
 # Set by a search around a run: called with (value, step) after each intermediate evaluation
@@ -189,6 +191,101 @@ def train_data(cfg: dict, dataset_for) -> ClipDataset:
     return ClipDataset(source, image_size, t["frames"], cfg["seed"], t["flip"], t["scale_jitter"])
 
 
+def _micro_weights(parts: list, device) -> list[float]:
+    """Each micro-batch's share of the step's loss: SAM2's loss is a sum over objects divided by
+    their number, so a micro-batch of O_i objects weighs O_i / O (counted over every rank, as
+    MultiStepMultiMasksAndIous counts them under DDP), and the sum equals one batch's loss."""
+    counts = torch.tensor([float(p.masks.shape[1]) for p in parts], device=device)
+    if dist.is_initialized():
+        dist.all_reduce(counts)
+    return (counts / counts.sum()).tolist()
+
+
+def _check_finite(values: dict, step: int, device) -> None:
+    bad = [(name, value) for name, value in values.items() if not math.isfinite(value)]
+    if dist.is_initialized():  # every rank stops, not only the one that saw it
+        flag = torch.tensor([float(bool(bad))], device=device)
+        dist.all_reduce(flag)
+        if flag.item() and not bad:
+            raise NonFiniteError(f"train step {step}: a non-finite loss on another rank")
+    if bad:
+        raise NonFiniteError(f"train step {step}: loss term {bad[0][0]} is {bad[0][1]}")
+
+
+def _micro_loss(net, view, model, inputs, criterion, objectives, teacher_view, weight, clip_share, blocks, amp):
+    """(loss terms, loss) of one micro-batch, weighted by its share of the step's batch."""
+    device = inputs.img_batch.device
+    if teacher_view is not None:
+        before = _rng_state(view)
+    feats, hook = _encoder_features(view)
+    with _autocast(amp, device):
+        with weights_once(model, eager=blocks):
+            outputs = net(inputs)
+        hook.remove()
+        losses = criterion(outputs, inputs.masks)
+        terms = {k: losses[k] * weight for k in LOSS_WEIGHTS}
+        loss = objectives["supervised"] * losses["core_loss"] * weight
+        if teacher_view is not None:
+            # The teacher starts from the student's RNG states, so the prompts of the first
+            # frame are the same; corrective clicks come from each model's own errors.
+            gpus = [device] if device.type == "cuda" else []
+            with torch.no_grad(), torch.random.fork_rng(devices=gpus), _keep_numpy_python_rng():
+                _set_rng_state(teacher_view, before)
+                t_feats, t_hook = _encoder_features(teacher_view)
+                t_outputs = teacher_view(inputs)
+                t_hook.remove()
+            extra = _distill(outputs, t_outputs, feats, t_feats, objectives)
+            del t_outputs, t_feats
+            for name, value in extra.items():
+                # mask distillation is a mean over objects, feature distillation over frames
+                terms[name] = value * (clip_share if name == "distill_feat" else weight)
+                loss = loss + objectives[name] * terms[name]
+    return terms, loss
+
+
+def _accumulate(net, view, model, parts, criterion, objectives, teacher_view, method, blocks, amp, step) -> dict:
+    """Forward and backward of one step's micro-batches; returns the step's loss terms as floats.
+
+    Gradients add up to those of the unsplit batch: each micro-batch's SAM2 loss and mask
+    distillation weigh its share of the objects, feature distillation its share of the clips,
+    the method's own terms (regularizers) count once. Under DDP gradients are reduced once, at
+    the last micro-batch. Prompts are sampled per micro-batch, as SAM2Train samples them per call.
+    """
+    device = parts[0].img_batch.device
+    weights = _micro_weights(parts, device)
+    clips = [p.img_batch.shape[1] for p in parts]
+    values: dict[str, float] = {}
+    for i, inputs in enumerate(parts):
+        # A running statistic moves once per step, from the first micro-batch (harness.quant.recompute).
+        with recompute.frozen_statistics(i > 0):
+            terms, loss = _micro_loss(
+                net,
+                view,
+                model,
+                inputs,
+                criterion,
+                objectives,
+                teacher_view,
+                weights[i],
+                clips[i] / sum(clips),
+                blocks,
+                amp,
+            )
+            if i == 0 and method is not None:
+                with _autocast(amp, device):
+                    for name, value in method.loss_terms(model).items():
+                        loss, terms[name] = loss + value, value
+            terms["loss"] = loss
+            for name, value in terms.items():
+                values[name] = values.get(name, 0.0) + float(value.detach() if torch.is_tensor(value) else value)
+            _check_finite(values, step, device)
+            last = i == len(parts) - 1
+            with contextlib.nullcontext() if last or not isinstance(net, DDP) else net.no_sync():
+                loss.backward()
+        del terms, loss
+    return values
+
+
 def fit(
     model,
     cfg: dict,
@@ -228,7 +325,7 @@ def fit(
     view.train()
     net = view
     if world > 1:
-        net = torch.nn.parallel.DistributedDataParallel(view, find_unused_parameters=True)
+        net = DDP(view, find_unused_parameters=True)
     objectives = t["objectives"]
     teacher_view = None
     if distills(objectives):
@@ -269,106 +366,75 @@ def fit(
     bar = progress_bar(
         range(start, steps), initial=start, total=steps, desc="train", unit="step", enabled=progress and rank == 0
     )
-    for step in bar:
-        # The data position is the step: clip indices of this step, this rank's share of them.
-        image_step = t["image_fraction"] and np.random.default_rng([cfg["seed"], step]).random() < t["image_fraction"]
-        source = image_data if image_step else data
-        share = batch // world
-        clips = [source[step * batch + rank * share + i] for i in range(share)]
-        inputs = collate(clips).to(device)
-        if teacher_view is not None:
-            before = _rng_state(view)
-        feats, hook = _encoder_features(view)
-        with _autocast(t["amp"], device):
-            with weights_once(model):
-                outputs = net(inputs)
-            hook.remove()
-            losses = criterion(outputs, inputs.masks)
-            terms = {k: losses[k] for k in LOSS_WEIGHTS}
-            loss = objectives["supervised"] * losses["core_loss"]
-            if teacher_view is not None:
-                # The teacher starts from the student's RNG states, so the prompts of the first
-                # frame are the same; corrective clicks come from each model's own errors.
-                gpus = [device] if device.type == "cuda" else []
-                with torch.no_grad(), torch.random.fork_rng(devices=gpus), _keep_numpy_python_rng():
-                    _set_rng_state(teacher_view, before)
-                    t_feats, t_hook = _encoder_features(teacher_view)
-                    t_outputs = teacher_view(inputs)
-                    t_hook.remove()
-                extra = _distill(outputs, t_outputs, feats, t_feats, objectives)
-                for name, value in extra.items():
-                    loss = loss + objectives[name] * value
-                terms.update(extra)
-            for name, value in (method.loss_terms(model) if method is not None else {}).items():
-                loss, terms[name] = loss + value, value
-        terms["loss"] = loss
-        values = {
-            name: float(value.detach()) if torch.is_tensor(value) else float(value) for name, value in terms.items()
-        }
-        bad = [(name, value) for name, value in values.items() if not math.isfinite(value)]
-        if world > 1:  # every rank stops, not only the one that saw it
-            flag = torch.tensor([float(bool(bad))], device=device)
-            dist.all_reduce(flag)
-            if flag.item() and not bad:
-                raise NonFiniteError(f"train step {step}: a non-finite loss on another rank")
-        if bad:
-            raise NonFiniteError(f"train step {step}: loss term {bad[0][0]} is {bad[0][1]}")
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if t["grad_clip"]:
-            torch.nn.utils.clip_grad_norm_([p for g in groups for p in g["params"]], t["grad_clip"])
-        lr = optimizer.param_groups[0]["lr"]  # this step's rate (the scheduler moves on below)
-        optimizer.step()
-        schedule.step()
-        if method is not None:
-            method.on_step(model, step)
+    with recompute.checkpointing(model, t.get("checkpoint_blocks", True)) as blocks:
+        for step in bar:
+            # The data position is the step: clip indices of this step, this rank's share of them.
+            image_step = (
+                t["image_fraction"] and np.random.default_rng([cfg["seed"], step]).random() < t["image_fraction"]
+            )
+            source = image_data if image_step else data
+            share = batch // world
+            clips = [source[step * batch + rank * share + i] for i in range(share)]
+            micro = t.get("micro_batch") or share
+            parts = [collate(clips[i : i + micro]).to(device) for i in range(0, share, micro)]
+            optimizer.zero_grad(set_to_none=True)
+            values = _accumulate(
+                net, view, model, parts, criterion, objectives, teacher_view, method, blocks, t["amp"], step
+            )
+            if t["grad_clip"]:
+                torch.nn.utils.clip_grad_norm_([p for g in groups for p in g["params"]], t["grad_clip"])
+            lr = optimizer.param_groups[0]["lr"]  # this step's rate (the scheduler moves on below)
+            optimizer.step()
+            schedule.step()
+            if method is not None:
+                method.on_step(model, step)
 
-        if world > 1:
-            reduced = torch.tensor([values["loss"]], device=device)
-            dist.all_reduce(reduced)
-            values["loss"] = float(reduced) / world
-        done = step + 1
-        for name, value in values.items():
-            running[name] = running.get(name, 0.0) + value
-        if done % t["log_every"] == 0 or done == steps:
-            now = time.perf_counter()
-            # the mean over the steps since the last record: a curve, not every tenth sample
-            metrics = {f"train/{k}": v / (done - last_step) for k, v in running.items()}
-            running = {}
-            metrics["train/lr"] = lr
-            metrics["train/step_s"] = (now - last) / (done - last_step)
-            last, last_step = now, done
-            history.append({"step": done, **metrics})
-            if rank == 0 and log is not None:
-                log(metrics, done)
-            bar.set_postfix(loss=f"{values['loss']:.3f}", refresh=False)
-
-        if on_eval is not None and rank == 0 and done % (t.get("eval_every") or steps) == 0 and done < steps:
-            model.eval()
-            gpus = [device] if device.type == "cuda" else []
-            with torch.random.fork_rng(devices=gpus), _keep_numpy_python_rng():
-                on_eval(done)
-            view.train()
-
-        # --- checkpoint
-        if ckpt is not None and (done % t["checkpoint_every"] == 0 or done == steps):
-            rngs = [_rng_state(view)]
             if world > 1:
-                rngs = [None] * world
-                dist.all_gather_object(rngs, _rng_state(view))
-            if rank == 0:
-                state = {
-                    "model": model.state_dict(),
-                    "optimizer": optimizer.state_dict(),
-                    "scheduler": schedule.state_dict(),
-                    "step": done,
-                    "rng": rngs,
-                    "history": history,
-                }
-                ckpt.parent.mkdir(parents=True, exist_ok=True)
-                tmp = ckpt.with_suffix(f".tmp-{os.getpid()}")
-                torch.save(state, tmp)
-                tmp.replace(ckpt)  # a kill mid-write leaves the previous checkpoint intact
+                reduced = torch.tensor([values["loss"]], device=device)
+                dist.all_reduce(reduced)
+                values["loss"] = float(reduced) / world
+            done = step + 1
+            for name, value in values.items():
+                running[name] = running.get(name, 0.0) + value
+            if done % t["log_every"] == 0 or done == steps:
+                now = time.perf_counter()
+                # the mean over the steps since the last record: a curve, not every tenth sample
+                metrics = {f"train/{k}": v / (done - last_step) for k, v in running.items()}
+                running = {}
+                metrics["train/lr"] = lr
+                metrics["train/step_s"] = (now - last) / (done - last_step)
+                last, last_step = now, done
+                history.append({"step": done, **metrics})
+                if rank == 0 and log is not None:
+                    log(metrics, done)
+                bar.set_postfix(loss=f"{values['loss']:.3f}", refresh=False)
+
+            if on_eval is not None and rank == 0 and done % (t.get("eval_every") or steps) == 0 and done < steps:
+                model.eval()
+                gpus = [device] if device.type == "cuda" else []
+                with torch.random.fork_rng(devices=gpus), _keep_numpy_python_rng():
+                    on_eval(done)
+                view.train()
+
+            # --- checkpoint
+            if ckpt is not None and (done % t["checkpoint_every"] == 0 or done == steps):
+                rngs = [_rng_state(view)]
+                if world > 1:
+                    rngs = [None] * world
+                    dist.all_gather_object(rngs, _rng_state(view))
+                if rank == 0:
+                    state = {
+                        "model": model.state_dict(),
+                        "optimizer": optimizer.state_dict(),
+                        "scheduler": schedule.state_dict(),
+                        "step": done,
+                        "rng": rngs,
+                        "history": history,
+                    }
+                    ckpt.parent.mkdir(parents=True, exist_ok=True)
+                    tmp = ckpt.with_suffix(f".tmp-{os.getpid()}")
+                    torch.save(state, tmp)
+                    tmp.replace(ckpt)  # a kill mid-write leaves the previous checkpoint intact
     bar.close()
     model.eval()
     return {"metrics": metrics, "history": history, "resumed_from": start}

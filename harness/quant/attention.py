@@ -20,9 +20,10 @@ from sam2.modeling.sam.transformer import Attention
 from torch.overrides import TorchFunctionMode
 
 from harness.quant.agq import log2_quantize
-from harness.quant.fastpath import act_quant
+from harness.quant.fastpath import act_quant, act_quant_
 
 ATTENTION_TYPES = (MultiScaleAttention, Attention)
+CHUNK = 1 << 22  # attention probabilities computed at once in evaluation (16 MB of fp32)
 
 
 class Log2Quant(nn.Module):
@@ -77,15 +78,39 @@ class QuantAttentionMixin:
         if attn_mask is not None or is_causal or enable_gqa:
             raise NotImplementedError("quantized attention supports plain (unmasked) attention only, as SAM2 uses")
         q, k, v = (act_quant(m.act_quant, t) for m, t in ((self.q_quant, q), (self.k_quant, k), (self.v_quant, v)))
-        scores = (q @ k.transpose(-2, -1)) * (scale if scale is not None else 1 / math.sqrt(q.shape[-1]))
-        probs = scores.softmax(dim=-1)
-        if (record := getattr(self, "agq_record", None)) is not None:  # AGQ's search (harness.quant.ptq4sam)
+        scale = scale if scale is not None else 1 / math.sqrt(q.shape[-1])
+        sm, record = self.softmax_quant, getattr(self, "agq_record", None)  # AGQ's search (harness.quant.ptq4sam)
+        observed = record is not None or _observing(sm)  # calibration sees whole matrices, as before
+        if not observed and not _quantizes(sm):  # nothing to quantize in between: the fused kernel
+            return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, scale=scale)
+        if not observed and not torch.is_grad_enabled() and not sm.training:
+            # Evaluation: probabilities a block of queries at a time, quantized in place, so that a
+            # 4096-token attention never holds its whole (heads x tokens x tokens) matrix in fp32.
+            rows = max(1, CHUNK // max(1, k.shape[-2] * q[..., 0, 0].numel()))
+            return torch.cat(
+                [self._attend(q[..., i : i + rows, :], k, v, scale, sm) for i in range(0, q.shape[-2], rows)], -2
+            )
+        probs = ((q @ k.transpose(-2, -1)) * scale).softmax(dim=-1)
+        if record is not None:
             record(probs, v)
-        sm = self.softmax_quant
         probs = act_quant(sm.act_quant, probs) if isinstance(sm, QuantIdentity) else sm(probs)
         if dropout_p:
             probs = F.dropout(probs, dropout_p)
         return probs @ v
+
+    @staticmethod
+    def _attend(q, k, v, scale, sm):
+        probs = torch.softmax((q @ k.transpose(-2, -1)).mul_(scale), dim=-1)
+        return (act_quant_(sm.act_quant, probs) if isinstance(sm, QuantIdentity) else sm(probs)) @ v
+
+
+def _quantizes(sm: nn.Module) -> bool:
+    return sm.act_quant.is_quant_enabled if isinstance(sm, QuantIdentity) else sm.is_quant_enabled
+
+
+def _observing(sm: nn.Module) -> bool:
+    """Brevitas's calibration mode: the quantizer collects statistics of each call."""
+    return isinstance(sm, QuantIdentity) and getattr(sm.act_quant, "observer_only", False)
 
 
 _CLASSES: dict[type, type] = {}

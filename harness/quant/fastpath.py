@@ -73,7 +73,23 @@ def act_quant(proxy, x: torch.Tensor) -> torch.Tensor:
     constants = _constants(proxy)
     if constants is None:
         return proxy.fused_activation_quant_proxy(x)[0]
+    return _quantize(x / constants[0], constants)
+
+
+def act_quant_(proxy, x: torch.Tensor) -> torch.Tensor:
+    """act_quant that may overwrite `x` (a temporary of the caller's, e.g. attention probabilities)."""
+    if proxy.is_quant_enabled and not (proxy.export_mode or proxy.training or torch.is_grad_enabled()):
+        constants = _constants(proxy)
+        if constants is not None and x.dtype == torch.result_type(x, constants[0]):
+            return _quantize(x.div_(constants[0]), constants)
+    return act_quant(proxy, x)
+
+
+def _quantize(v: torch.Tensor, constants) -> torch.Tensor:
+    """(clamp(round(v + z), lo, hi) - z) * s for v = x / s, in place on v: at 1024 px the
+    temporaries of the out-of-place chain (one per pass over a 4096-token attention matrix) cost
+    more than the arithmetic."""
     scale, zero_point, lo, hi = constants
     if zero_point is None:  # symmetric: skip two elementwise passes (only the sign of a zero may differ)
-        return torch.clamp(torch.round(x / scale), lo, hi) * scale
-    return (torch.clamp(torch.round(x / scale + zero_point), lo, hi) - zero_point) * scale
+        return v.round_().clamp_(lo, hi).mul_(scale)
+    return v.add_(zero_point).round_().clamp_(lo, hi).sub_(zero_point).mul_(scale)

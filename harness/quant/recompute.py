@@ -7,7 +7,6 @@ block again when backward needs them. That rerun must compute what the first run
   block's buffers as they were at the first run, and the live values are put back after it;
 - layers inside checkpointed blocks quantize their weights before the forward
   (harness.quant.swap.weights_once), so both runs read the same quantized weight;
-- quantized attention inside a checkpointed block does not checkpoint itself again.
 Micro-batches after the first of a step run with `statistics_frozen()`: a running statistic moves
 once per step, from the first micro-batch, as it would once for the whole batch.
 """
@@ -24,7 +23,6 @@ import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
 _FROZEN: contextvars.ContextVar[bool] = contextvars.ContextVar("statistics_frozen", default=False)
-_ATTENTION: contextvars.ContextVar[bool] = contextvars.ContextVar("checkpoint_attention", default=False)
 _INSIDE: contextvars.ContextVar[bool] = contextvars.ContextVar("inside_checkpoint", default=False)
 
 # What `train.checkpoint_blocks` wraps: Hiera's blocks and memory attention's layers.
@@ -74,18 +72,14 @@ def run(fn, module: nn.Module, *args, **kwargs):
     return checkpoint(fn, *args, use_reentrant=False, context_fn=contexts, **kwargs)
 
 
-def attention_checkpointing() -> bool:
-    return _ATTENTION.get() and torch.is_grad_enabled() and not _INSIDE.get()
-
-
 def _match(name: str, patterns) -> bool:
     return any(fnmatch.fnmatchcase(name, p) for p in patterns)
 
 
 @contextlib.contextmanager
-def checkpointing(model: nn.Module, blocks: bool, attention: bool):
-    """Within the block, modules matching BLOCKS (when `blocks`) run checkpointed in training
-    forwards with autograd on, and quantized attention keeps no probabilities (when `attention`)."""
+def checkpointing(model: nn.Module, blocks: bool = True):
+    """Within the block, modules matching BLOCKS (when `blocks`) run checkpointed in forwards with
+    autograd on; yields them."""
     wrapped = [m for n, m in model.named_modules() if blocks and _match(n, BLOCKS)]
     for m in wrapped:
         plain = m.forward
@@ -96,10 +90,8 @@ def checkpointing(model: nn.Module, blocks: bool, attention: bool):
             return _plain(*args, **kwargs)
 
         m.forward = functools.wraps(plain)(forward)
-    token = _ATTENTION.set(attention)
     try:
         yield wrapped
     finally:
-        _ATTENTION.reset(token)
         for m in wrapped:
             del m.forward  # back to the class's forward
