@@ -212,15 +212,14 @@ def _check_finite(values: dict, step: int, device) -> None:
         raise NonFiniteError(f"train step {step}: loss term {bad[0][0]} is {bad[0][1]}")
 
 
-def _micro_loss(net, view, model, inputs, criterion, objectives, teacher_view, weight, clip_share, blocks, amp):
+def _micro_loss(net, view, inputs, criterion, objectives, teacher_view, weight, clip_share, amp):
     """(loss terms, loss) of one micro-batch, weighted by its share of the step's batch."""
     device = inputs.img_batch.device
     if teacher_view is not None:
         before = _rng_state(view)
     feats, hook = _encoder_features(view)
     with _autocast(amp, device):
-        with weights_once(model, eager=blocks):
-            outputs = net(inputs)
+        outputs = net(inputs)
         hook.remove()
         losses = criterion(outputs, inputs.masks)
         terms = {k: losses[k] * weight for k in LOSS_WEIGHTS}
@@ -256,21 +255,11 @@ def _accumulate(net, view, model, parts, criterion, objectives, teacher_view, me
     clips = [p.img_batch.shape[1] for p in parts]
     values: dict[str, float] = {}
     for i, inputs in enumerate(parts):
-        # A running statistic moves once per step, from the first micro-batch (harness.quant.recompute).
-        with recompute.frozen_statistics(i > 0):
-            terms, loss = _micro_loss(
-                net,
-                view,
-                model,
-                inputs,
-                criterion,
-                objectives,
-                teacher_view,
-                weights[i],
-                clips[i] / sum(clips),
-                blocks,
-                amp,
-            )
+        # A running statistic moves once per step, from the first micro-batch (harness.quant.recompute);
+        # the quantized weights stay through backward, where checkpointed blocks run again.
+        with recompute.frozen_statistics(i > 0), weights_once(model, eager=blocks):
+            weight, share = weights[i], clips[i] / sum(clips)
+            terms, loss = _micro_loss(net, view, inputs, criterion, objectives, teacher_view, weight, share, amp)
             if i == 0 and method is not None:
                 with _autocast(amp, device):
                     for name, value in method.loss_terms(model).items():

@@ -73,7 +73,8 @@ def run(fn, module: nn.Module, *args, **kwargs):
 
 
 def _match(name: str, patterns) -> bool:
-    return any(fnmatch.fnmatchcase(name, p) for p in patterns)
+    # `*` is one name component: the blocks themselves, not the layers and quantizers inside them
+    return any(fnmatch.fnmatchcase(name, p) and name.count(".") == p.count(".") for p in patterns)
 
 
 @contextlib.contextmanager
