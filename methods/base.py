@@ -132,6 +132,16 @@ class Method:
             return Log2Quant(bits)
         return QuantIdentity(act_quant=self.prob_quant(bits), return_quant_tensor=False)
 
+    def calibration_frames(self) -> int:
+        """Calibration frames the method asks for by count (its own `calib_images`, VRC's); the
+        preflight refuses a run whose data.calib holds fewer."""
+        vrc_params = self.params.get("vrc", {})
+        asked = [
+            self.params.get("calib_images") or 0,
+            vrc_params.get("calib_images", 0) if vrc_params.get("enabled") else 0,
+        ]
+        return max(asked)
+
     def plan(self, ctx: Context) -> list[Decision]:
         """Per-module choices before the swap (data-dependent bit maps go here); default: the policy."""
         ctx.decisions = quant_policy.plan(ctx.student, ctx.policy)

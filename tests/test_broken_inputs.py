@@ -165,3 +165,24 @@ def test_late_object_is_not_scored_and_warned_once(davis_root, tmp_path, caplog)
     assert warnings == [f"sequence {seq}: object ids [9] appear after the first frame; not scored (DAVIS protocol)"]
     rc, out, err = qbench("eval-vos", "--davis-root", root, "--results", pred, "--json")
     assert rc == 0 and json.loads(out)["late_objects"] == {seq: [9]} and err.count("object ids [9]") == 1
+
+
+def test_calibration_count_above_the_calibration_data_fails_before_any_run(data, tmp_path):
+    """ptq4sam's calib_images (and VRC's, Mix-QSAM's) against the frames data.calib holds: 2 train
+    sequences of 5 frames here."""
+    cases = {
+        "method: {name: ptq4sam, calib_images: 11}": 11,
+        "method: {name: qsam2, vrc: {calib_images: 12}}": 12,
+        "method: {name: mixqsam, calib_images: 13}": 13,
+    }
+    for method, asked in cases.items():
+        for dry in (["--dry-run"], []):
+            results = tmp_path / f"results{len(dry)}"
+            line = one_line_error(
+                *qbench("suite", suite(tmp_path, data, f"  {method}\n"), *dry, "--results", results)[::2]
+            )
+            assert "run " in line and f"{asked} calibration frames asked for, data.calib has 10" in line, line
+            assert not results.exists()
+    ok = suite(tmp_path, data, "  method: {name: ptq4sam, calib_images: 10}\n")
+    rc, out, err = qbench("suite", ok, "--dry-run", "--results", tmp_path / "r")
+    assert rc == 0, err[-2000:]

@@ -35,6 +35,7 @@ class Evaluator:
     check: Callable  # (dataset) -> None: every file there, before any work
     calibrate: Callable  # (model, dataset, n) -> items run through the model
     evaluate: Callable  # (model, dataset, decisions, save_dir, late) -> (per-item DataFrame, summary)
+    count: Callable  # (dataset) -> items `calibrate` can run at most
 
 
 EVALUATORS: dict[str, Evaluator] = {}
@@ -116,9 +117,17 @@ def _vos_calibrate(model, ds, n):
     return vos.run_frames(model, ds, n)
 
 
+def _vos_count(ds):
+    return sum(len(ds.frame_names(s)) for s in ds.sequences)
+
+
 JF = (Metric("J&F-mean", "J&F"), Metric("J-mean", "J"), Metric("F-mean", "F"))
 for _kind in ("synthetic", "davis"):
-    register(Evaluator(_kind, JF, "jf", "frames/s", _vos_root, _vos_load, _check_files, _vos_calibrate, _vos_evaluate))
+    register(
+        Evaluator(
+            _kind, JF, "jf", "frames/s", _vos_root, _vos_load, _check_files, _vos_calibrate, _vos_evaluate, _vos_count
+        )
+    )
 
 
 # --- COCO instance segmentation: box prompts, mask mIoU and AP ------------------------------------
@@ -187,7 +196,16 @@ COCO = (
 # CocoDataset checks its JSON and that every image file is there when it opens
 register(
     Evaluator(
-        "coco", COCO, "miou", "images/s", _coco_root, _coco_load, lambda ds: None, _coco_calibrate, _coco_evaluate
+        "coco",
+        COCO,
+        "miou",
+        "images/s",
+        _coco_root,
+        _coco_load,
+        lambda ds: None,
+        _coco_calibrate,
+        _coco_evaluate,
+        lambda ds: len(ds.ids),
     )
 )
 
@@ -235,4 +253,14 @@ def _sav_evaluate(model, ds, decisions, save_dir=None, late=None):
     return sav.evaluate(model, ds, decisions, save_dir=save_dir)
 
 
-register(Evaluator("sav", JF, "jf", "frames/s", _sav_root, _sav_load, _check_files, _sav_calibrate, _sav_evaluate))
+def _sav_count(ds):
+    from harness.evaluate import sav
+
+    return sum(last - first + 1 for first, last in (sav.tracked_range(ds, v) for v in ds.videos))
+
+
+register(
+    Evaluator(
+        "sav", JF, "jf", "frames/s", _sav_root, _sav_load, _check_files, _sav_calibrate, _sav_evaluate, _sav_count
+    )
+)
