@@ -61,6 +61,21 @@ def _make_data(args) -> int:
     return 0
 
 
+def _make_checkpoint(args) -> int:
+    import torch
+
+    from harness import models
+
+    torch.manual_seed(args.seed)
+    model = models.build(args.model, models.RANDOM, device="cpu")  # unknown names: one-line errors
+    models.save_checkpoint(model, args.out)
+    n = sum(p.numel() for p in model.parameters())
+    print(
+        f"wrote random weights of {args.model} ({n / 1e6:.1f} M parameters) in SAM2's checkpoint format to {args.out}"
+    )
+    return 0
+
+
 def _eval_vos(args) -> int:
     report = {}
     if args.format == "sav":
@@ -258,6 +273,14 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--size", default="256x144", help="WxH")
     s.add_argument("--seed", type=int, default=0)
     s.set_defaults(fn=_make_data)
+
+    s = sub.add_parser(
+        "make-checkpoint", help="write random weights of a SAM2 config in the released checkpoint format"
+    )
+    s.add_argument("--model", required=True, help="config name, e.g. sam2.1_hiera_t")
+    s.add_argument("--out", required=True)
+    s.add_argument("--seed", type=int, default=0)
+    s.set_defaults(fn=_make_checkpoint)
 
     s = sub.add_parser("eval-vos", help="score predicted masks against DAVIS or SA-V ground truth (J&F)")
     s.add_argument("--format", choices=["davis", "sav"], default="davis", help="ground-truth and prediction layout")

@@ -26,3 +26,8 @@ class NonFiniteError(RuntimeError):
 
 class Pruned(Exception):
     """A search's pruner stopped a run at an intermediate evaluation: recorded KILLED, not FAILED."""
+
+
+class OutOfMemory(RuntimeError):
+    """A training step ran out of device memory: the run is recorded as FAILED with the step, the
+    micro-batch and the peak, and the suite goes on."""

@@ -30,7 +30,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from harness import models
 from harness.data.clips import ClipDataset, collate
-from harness.errors import NonFiniteError
+from harness.errors import NonFiniteError, OutOfMemory
 from harness.progress import progress as progress_bar
 from harness.quant import recompute
 from harness.quant.swap import weights_once
@@ -242,6 +242,17 @@ def _micro_loss(net, view, inputs, criterion, objectives, teacher_view, weight, 
     return terms, loss
 
 
+def _oom_reason(step: int, device, micro: int, share: int, frames: int) -> str:
+    peak = ""
+    if device.type == "cuda":
+        peak = f", peak {torch.cuda.max_memory_allocated(device) / 2**30:.1f} GiB allocated"
+        torch.cuda.empty_cache()
+    return (
+        f"train step {step}: out of memory on {device}{peak} with train.micro_batch {micro} "
+        f"({micro} of {share} clips x {frames} frames at once); a smaller train.micro_batch needs less"
+    )
+
+
 def _accumulate(net, view, model, parts, criterion, objectives, teacher_view, method, blocks, amp, step) -> dict:
     """Forward and backward of one step's micro-batches; returns the step's loss terms as floats.
 
@@ -367,9 +378,12 @@ def fit(
             micro = t.get("micro_batch") or share
             parts = [collate(clips[i : i + micro]).to(device) for i in range(0, share, micro)]
             optimizer.zero_grad(set_to_none=True)
-            values = _accumulate(
-                net, view, model, parts, criterion, objectives, teacher_view, method, blocks, t["amp"], step
-            )
+            try:
+                values = _accumulate(
+                    net, view, model, parts, criterion, objectives, teacher_view, method, blocks, t["amp"], step
+                )
+            except torch.OutOfMemoryError:
+                raise OutOfMemory(_oom_reason(step, device, micro, share, t["frames"])) from None
             if t["grad_clip"]:
                 torch.nn.utils.clip_grad_norm_([p for g in groups for p in g["params"]], t["grad_clip"])
             lr = optimizer.param_groups[0]["lr"]  # this step's rate (the scheduler moves on below)

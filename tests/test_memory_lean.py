@@ -13,6 +13,7 @@ from harness.config import parse_override, set_dotted
 from harness.data import synthetic
 from harness.data.clips import ClipDataset, collate
 from harness.data.davis import DavisDataset
+from harness.errors import OutOfMemory
 from harness.evaluate import vos
 from harness.quant import recompute
 from harness.quant.learned import LearnedIntQuant, LsqActStep
@@ -42,7 +43,9 @@ def _model(name, bits, davis):
     if name == "fp":
         return model, None
     method = methods.get(name, **({"vrc": {"enabled": False}} if name == "qsam2" else {}))
-    methods.ptq(method, model, QuantPolicy(weight_bits=bits[0], act_bits=bits[1]), lambda m: vos.run_frames(m, davis, 3))
+    methods.ptq(
+        method, model, QuantPolicy(weight_bits=bits[0], act_bits=bits[1]), lambda m: vos.run_frames(m, davis, 3)
+    )
     return model, method
 
 
@@ -134,3 +137,27 @@ def test_fake_quant_keeps_only_its_input_for_backward():
         quant(x * 1.0)
     # x (the input) and a few scalars: not the 9 bytes per element of v, q and the mask
     assert sum(table.values()) <= x.numel() * 4 + 4096
+
+
+def test_out_of_memory_in_a_step_names_the_step_and_the_micro_batch(davis):
+    class Exhausting:  # a method whose loss term allocates what the device does not have
+        def param_groups(self, model):
+            return [{"name": "model", "params": list(model.parameters())}]
+
+        def loss_terms(self, model):
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+        def on_step(self, model, step):
+            pass
+
+    model, _ = _model("fp", None, davis)
+    with pytest.raises(
+        OutOfMemory, match=r"train step 0: out of memory on cpu with train.micro_batch 1 \(1 of 3 clips"
+    ):
+        train.fit(
+            model,
+            _config("train.micro_batch=1"),
+            ClipDataset(davis, 128, 2, seed=0),
+            method=Exhausting(),
+            progress=False,
+        )
