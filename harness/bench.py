@@ -171,6 +171,7 @@ def _saved_bytes(model, cfg, data, method) -> dict:
 def format_train(results: list[dict]) -> str:
     lines = [f"one training step, QAT over FP; torch threads {torch.get_num_threads()}"]
     lines.append("peak: memory above the resident models during the step (CPU: RSS; CUDA: allocated)")
+    lines.append("saved for backward: by one forward, outside checkpointed blocks (train.checkpoint_blocks)")
     head = f"{'model':<16} {'size':>5} {'clips':>9} {'case':<12} {'step s':>8} {'s/frame':>8} {'ratio':>6}"
     lines.append(head + f" {'peak GiB':>9} {'GiB/frame':>9} {'ratio':>6}")
     gib = 2**30

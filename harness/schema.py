@@ -126,7 +126,7 @@ class TrainCfg(Strict):
     # micro-batches to those of batch_size clips, the loss weighted as one batch's
     micro_batch: int = Field(0, ge=0)
     # Recompute the image encoder's blocks and memory attention's layers in backward instead of
-    # keeping their activations (torch.utils.checkpoint; same gradients, about 30% more time)
+    # keeping their activations (torch.utils.checkpoint; the same gradients; one more forward of them)
     checkpoint_blocks: bool = True
     frames: int = Field(4, ge=1)  # clip length T
     image_fraction: float = Field(0.0, ge=0, le=1)  # share of steps that are single images

@@ -6,7 +6,7 @@ block again when backward needs them. That rerun must compute what the first run
   on by the time backward comes (later frames call it again), so the rerun starts from the
   block's buffers as they were at the first run, and the live values are put back after it;
 - layers inside checkpointed blocks quantize their weights before the forward
-  (harness.quant.swap.weights_once), so both runs read the same quantized weight;
+  (harness.quant.swap.weights_once), so both runs read the same quantized weight.
 Micro-batches after the first of a step run with `statistics_frozen()`: a running statistic moves
 once per step, from the first micro-batch, as it would once for the whole batch.
 """
