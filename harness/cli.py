@@ -136,6 +136,23 @@ def _inspect(args) -> int:
 SMALL_CLIPS, LARGE_CLIPS = {"batch": 4, "frames": 4}, {"batch": 1, "frames": 2}  # clips x frames per step
 
 
+def _train_cases(text: str) -> list[tuple[str, int, int]]:
+    cases = []
+    for case in filter(None, text.split(",")):
+        name, *bits = case.split(":")
+        if len(bits) != 2 or not all(b.isdigit() for b in bits):
+            raise ConfigError(f"bench --cases: {case!r}; expected METHOD:W:A, e.g. lsq:4:4")
+        cases.append((name, int(bits[0]), int(bits[1])))
+    return cases
+
+
+def _clips(text: str) -> dict:
+    b, _, f = text.partition("x")
+    if not (b.isdigit() and f.isdigit() and int(b) > 0 and int(f) > 0):
+        raise ConfigError(f"bench --clips: {text!r}; expected CLIPSxFRAMES, e.g. 1x2")
+    return {"batch": int(b), "frames": int(f)}
+
+
 def _bench(args) -> int:
     import json
 
@@ -149,15 +166,11 @@ def _bench(args) -> int:
     if args.train:
         extra = [o for o in args.overrides if o.startswith("train.")]
         limit = int(args.limit_gb * 2**30) if args.limit_gb else None
-        cases = bench.TRAIN_CASES
-        if args.cases is not None:
-            cases = [(n, int(w), int(a)) for n, w, a in (c.split(":") for c in args.cases.split(",") if c)]
+        cases = bench.TRAIN_CASES if args.cases is None else _train_cases(args.cases)
+        size_of = _clips(args.clips) if args.clips else None
         results = []
         for m, size in model_list:
-            clips = SMALL_CLIPS if m == "sam2_small" else LARGE_CLIPS
-            if args.clips:
-                b, _, f = args.clips.partition("x")
-                clips = {"batch": int(b), "frames": int(f)}
+            clips = size_of or (SMALL_CLIPS if m == "sam2_small" else LARGE_CLIPS)
             results.append(
                 bench.bench_train_model(
                     m, size, cases, args.repeats, breakdown=args.breakdown, overrides=extra, limit=limit, **clips

@@ -161,3 +161,30 @@ def test_out_of_memory_in_a_step_names_the_step_and_the_micro_batch(davis):
             method=Exhausting(),
             progress=False,
         )
+
+
+def test_train_bench_reports_peak_memory_and_what_is_saved_for_backward():
+    from harness import bench
+
+    out = bench.bench_train_model("sam2_small", None, [("lsq", 4, 4)], rounds=1, batch=1, frames=2, breakdown=True)
+    fp, lsq = out["cases"]["fp"], out["cases"]["lsq W4A4"]
+    assert fp["ratio"] == 1.0 and lsq["ratio"] > 0
+    for c in (fp, lsq):
+        assert c["peak_bytes"] > 0 and c["peak_bytes_per_frame"] == c["peak_bytes"] / 2
+        assert c["step_s_per_frame"] == c["step_s"] / 2
+    assert lsq["peak_ratio"] == lsq["peak_bytes"] / fp["peak_bytes"]
+    assert any("LearnedIntQuant" in where for where in lsq["saved_for_backward"])
+    assert not any("LearnedIntQuant" in where for where in fp["saved_for_backward"])
+    assert "saved for backward" in bench.format_train([out])
+
+
+@pytest.mark.parametrize("flag,value", [("--clips", "1y2"), ("--cases", "lsq:4")])
+def test_bad_train_bench_arguments_are_one_line_errors(flag, value):
+    import subprocess
+    import sys
+
+    proc = subprocess.run(
+        [sys.executable, "-m", "harness", "bench", "--train", flag, value], capture_output=True, text=True
+    )
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert proc.returncode == 2 and lines[-1].startswith(f"error: bench {flag}: {value!r}"), proc.stderr[-500:]
