@@ -105,9 +105,10 @@ def test_a_sav_suite_runs_on_generated_videos(tmp_path):
 @pytest.mark.parametrize("name,runs", [("coco_4bit", 13), ("sav_2bit", 13)])
 def test_real_data_suites_expand_and_validate_on_generated_data(name, runs, tmp_path, monkeypatch):
     models.save_checkpoint(models.build("sam2_small", device="cpu"), tmp_path / "small.pt")
-    davis = synthetic.generate(tmp_path / "DAVIS", sequences=2, frames=3, size=(96, 64), objects=(1, 1))
+    # enough calibration frames (64) and images for the largest count the suites' methods ask for
+    davis = synthetic.generate(tmp_path / "DAVIS", sequences=2, frames=64, size=(96, 64), objects=(1, 1))
     env = {"SAM2_MODEL": "sam2_small", "SAM2_CHECKPOINT": tmp_path / "small.pt", "DAVIS_ROOT": davis}
-    env["COCO_ROOT"] = coco.generate(tmp_path / "COCO", images=2, size=(96, 64))
+    env["COCO_ROOT"] = coco.generate(tmp_path / "COCO", images=64, size=(96, 64))
     env["SAV_ROOT"] = sav.generate(tmp_path / "SAV", videos=2, frames=9, size=(96, 64))
     for key, value in env.items():
         monkeypatch.setenv(key, str(value))

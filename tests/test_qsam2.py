@@ -193,7 +193,8 @@ DAVIS_SUITES = {
 @pytest.fixture(scope="module")
 def davis_env(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("davis_env")
-    root = synthetic.generate(tmp / "DAVIS", sequences=4, frames=3, size=(96, 64), objects=(1, 1))
+    # 2 train sequences x 32 frames: as many calibration frames as the largest count a suite asks for (64)
+    root = synthetic.generate(tmp / "DAVIS", sequences=4, frames=32, size=(96, 64), objects=(1, 1))
     models.save_checkpoint(models.build("sam2_small", device="cpu"), tmp / "sam2_small.pt")
     return {"SAM2_MODEL": "sam2_small", "SAM2_CHECKPOINT": str(tmp / "sam2_small.pt"), "DAVIS_ROOT": str(root)}
 
