@@ -102,6 +102,7 @@ def bench_train_model(
     alternating rounds (round 0 warms up when there are several). `breakdown`: also the bytes
     saved for backward by one forward, by part of the model and module class (harness.memory)."""
     memory.return_freed()
+    process = memory.rss_bytes()  # before any model: what a run's process holds besides them
     base = [f"model.name={name}", "method.name=lsq", "train.steps=2", "train.log_every=1"]
     base += [f"train.batch_size={batch}", f"train.frames={frames}", "train.data.kind=stream"]
     base += [f"model.image_size={image_size}"] if image_size else []
@@ -140,7 +141,10 @@ def bench_train_model(
                 times[label].append(step_s)
                 peaks[label].append(peak.above)
     n = batch * frames
-    out = {"model": name, "image_size": fp.image_size, "batch": batch, "frames": frames}
+    out = {"model": name, "image_size": fp.image_size, "device": "cpu", "batch": batch, "frames": frames}
+    out["checkpoint_blocks"] = cfg["train"]["checkpoint_blocks"]
+    out["param_bytes"] = sum(p.numel() * p.element_size() for p in fp.parameters())
+    out["process_bytes"] = process
     out["cases"] = {}
     for label in times:
         step_s, above = statistics.median(times[label]), max(peaks[label]) if None not in peaks[label] else None

@@ -13,7 +13,7 @@ from harness.errors import ConfigError, QBenchError
 
 
 def _suite(args) -> int:
-    from harness import executor
+    from harness import estimate, executor
     from harness.config import load_suite
     from harness.runner import preflight, status
 
@@ -24,8 +24,19 @@ def _suite(args) -> int:
         preflight(suite, args.results)  # the errors a run would give, before listing it as pending
         states = status(suite, args.results)
         print(f"suite {suite.name} ({suite.path}): {len(suite.runs)} runs")
+        misfits = []
         for spec, state in states:
-            print(f"  {spec.run_key}  {state:<8}  {spec.name}")
+            est = estimate.run(spec.config, args.results)
+            ok, have = estimate.fits(est, str(spec.config["device"]).split(":")[0])
+            cost = f"  {estimate.describe(est, spec.config['train']['steps'])}" if est else ""
+            print(f"  {spec.run_key}  {state:<8}  {spec.name}{cost}")
+            if not ok:
+                misfits.append(
+                    f"warning: {spec.name} will not fit: estimated peak "
+                    f"{est['peak_bytes'] / estimate.GIB:.1f} GiB, {have / estimate.GIB:.1f} GiB available"
+                )
+        for line in misfits:
+            print(line, file=sys.stderr)
         return 0
     rows, failed = executor.run(suite, args.results, args.overrides, cfg, args.attempted_since)
     print(f"{len(rows)}/{len(suite.runs)} runs finished; summary: {args.results}/{suite.name}/summary.md")
@@ -156,7 +167,7 @@ def _clips(text: str) -> dict:
 def _bench(args) -> int:
     import json
 
-    from harness import bench
+    from harness import bench, estimate
     from harness.config import base_config
     from harness.quant.policy import QuantPolicy
 
@@ -176,7 +187,9 @@ def _bench(args) -> int:
                     m, size, cases, args.repeats, breakdown=args.breakdown, overrides=extra, limit=limit, **clips
                 )
             )
+            where = estimate.record(results[-1], args.results)
         print(json.dumps(results, indent=1) if args.json else bench.format_train(results))
+        print(f"figures for `qbench suite --dry-run` estimates: {where}", file=sys.stderr)
         return 0
     results = bench.run(policy, model_list, repeats=args.repeats, method=args.method)
     print(json.dumps(results, indent=1) if args.json else bench.format_text(results, policy, args.method))
@@ -366,6 +379,7 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--cases", help="--train: METHOD:W:A,... (default lsq:4:4,pact:4:8,qsam2:2:8; '' for FP alone)")
     s.add_argument("--breakdown", action="store_true", help="--train: bytes saved for backward, by module")
     s.add_argument("--limit-gb", type=float, help="--train on CPU: stop when resident memory passes this")
+    s.add_argument("--results", default="results", help="--train: the results folder its figures are kept in")
     s.set_defaults(fn=_bench)
     return p
 

@@ -58,13 +58,14 @@ def find_suite(name: str) -> Path:
     raise ConfigError(f"suite {name!r} not found (looked for suites/{name}.yaml); known suites: {', '.join(known)}")
 
 
-OUT_OF_KEY = {"eval_every", "checkpoint_blocks"}
+OUT_OF_KEY = {"eval_every", "checkpoint_blocks", "memory_check"}
 
 
 def run_key(config: dict) -> str:
     # train.eval_every only adds evaluations along the way (the trained model is the same, tested):
     # a search trial and a suite run of one config share their key and their record.
-    # train.checkpoint_blocks changes memory and time only (the same gradients, tested).
+    # train.checkpoint_blocks changes memory and time only (the same gradients, tested);
+    # train.memory_check only whether a run that may not fit starts.
     if set(config["train"]) & OUT_OF_KEY:
         config = {**config, "train": {k: v for k, v in config["train"].items() if k not in OUT_OF_KEY}}
     # sort_keys would hide the order of quant.bits entries, and there later entries win.

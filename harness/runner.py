@@ -19,7 +19,7 @@ import mlflow
 import torch
 
 import methods
-from harness import models
+from harness import estimate, models
 from harness.claims import Claims, clean_scratch, scratch_suffix
 from harness.config import RunSpec, Suite
 from harness.data import synthetic
@@ -136,6 +136,7 @@ def load_packed(path: str | Path):
 def run_one(spec, results_dir: Path, suite: str = "default") -> dict:
     """Run one spec inside an active MLflow run; returns its metrics."""
     cfg, times = spec.config, {}
+    estimate.check(cfg, results_dir)
     eval_ds = dataset(cfg, "eval", results_dir)
     checkpoints = results_dir / "checkpoints" / suite / spec.run_key  # a killed training run resumes here
     model, decisions = prepare(cfg, results_dir, times, checkpoints)  # times: also the training metrics

@@ -128,6 +128,9 @@ class TrainCfg(Strict):
     # Recompute the image encoder's blocks and memory attention's layers in backward instead of
     # keeping their activations (torch.utils.checkpoint; the same gradients; one more forward of them)
     checkpoint_blocks: bool = True
+    # Refuse the run before any work when its estimate from `qbench bench --train` figures
+    # (harness/estimate.py) exceeds the memory available
+    memory_check: bool = True
     frames: int = Field(4, ge=1)  # clip length T
     image_fraction: float = Field(0.0, ge=0, le=1)  # share of steps that are single images
     lr: float = Field(1e-4, gt=0)
