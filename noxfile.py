@@ -92,3 +92,10 @@ def report(session: nox.Session) -> None:
 def search(session: nox.Session) -> None:
     """An Optuna search from a suite's `search:` section: `nox -s search -- NAME [--workers N]` (resumable)."""
     _harness(session, "search")
+
+
+@nox.session
+def gpu_check(session: nox.Session) -> None:
+    """The GPU path in one call (harness/gpu_check.py): benches, rehearsal, DDP; needs CUDA."""
+    _env(session)
+    session.run(PY, "-m", "harness.gpu_check", *session.posargs, external=True)

@@ -43,9 +43,16 @@ def _video_step(model, ds, seq, frames):
 
 
 def _timed(fn, *args) -> float:
+    _sync()
     start = time.perf_counter()
     fn(*args)
+    _sync()
     return time.perf_counter() - start
+
+
+def _sync():
+    if torch.cuda.is_available():  # CUDA work is asynchronous: time what it did, not what it queued
+        torch.cuda.synchronize()
 
 
 def _timed_method(name: str):
@@ -54,10 +61,10 @@ def _timed_method(name: str):
     return methods.get(name, **off)
 
 
-def bench_model(name, image_size, policy: QuantPolicy, method_name="rtn", repeats=5, frames=4) -> dict:
+def bench_model(name, image_size, policy: QuantPolicy, method_name="rtn", repeats=5, frames=4, device="cpu") -> dict:
     torch.manual_seed(0)
-    fp = models.build(name, image_size=image_size, device="cpu")
-    q = models.build(name, image_size=image_size, device="cpu")
+    fp = models.build(name, image_size=image_size, device=device)
+    q = models.build(name, image_size=image_size, device=device)
     q.load_state_dict(fp.state_dict())
     method = _timed_method(method_name)
     ctx = methods.ptq(method, q, policy)
@@ -69,7 +76,7 @@ def bench_model(name, image_size, policy: QuantPolicy, method_name="rtn", repeat
         box = np.array([30, 20, 200, 120])
         ctx.calib_feed = lambda m: (_image_step(m, image, box), _video_step(m, ds, seq, frames))
         method.calibrate(ctx)
-        out = {"model": name, "image_size": q.image_size}
+        out = {"model": name, "image_size": q.image_size, "device": str(device)}
         for label, step in (
             ("image", lambda m: _image_step(m, image, box)),
             ("video_frame", lambda m: _video_step(m, ds, seq, frames)),
@@ -87,8 +94,8 @@ def bench_model(name, image_size, policy: QuantPolicy, method_name="rtn", repeat
     return out
 
 
-def run(policy: QuantPolicy, model_list=DEFAULT_MODELS, repeats=5, method="rtn") -> list[dict]:
-    return [bench_model(name, size, policy, method, repeats=repeats) for name, size in model_list]
+def run(policy: QuantPolicy, model_list=DEFAULT_MODELS, repeats=5, method="rtn", device="cpu") -> list[dict]:
+    return [bench_model(name, size, policy, method, repeats=repeats, device=device) for name, size in model_list]
 
 
 # (method, weight bits, activation bits) of `qbench bench --train`
@@ -96,7 +103,16 @@ TRAIN_CASES = [("lsq", 4, 4), ("pact", 4, 8), ("qsam2", 2, 8)]
 
 
 def bench_train_model(
-    name, image_size, cases=TRAIN_CASES, rounds=3, batch=4, frames=4, breakdown=False, overrides=(), limit=None
+    name,
+    image_size,
+    cases=TRAIN_CASES,
+    rounds=3,
+    batch=4,
+    frames=4,
+    breakdown=False,
+    overrides=(),
+    limit=None,
+    device="cpu",
 ) -> dict:
     """Median time and peak memory of one training step per case and of one FP step, in
     alternating rounds (round 0 warms up when there are several). `breakdown`: also the bytes
@@ -109,8 +125,8 @@ def bench_train_model(
     cfg = base_config(None, [*base, *overrides])
     data = train.train_data(cfg, None)
     torch.manual_seed(0)
-    fp = models.build(name, image_size=image_size, device="cpu")
-    clip = collate([data[10**6]])  # calibration: one clip the timed steps never see
+    fp = models.build(name, image_size=image_size, device=device)
+    clip = collate([data[10**6]]).to(device)  # calibration: one clip the timed steps never see
 
     def feed(model):
         view = models.training_view(model, name, image_size, cfg["train"]["prompts"])
@@ -119,7 +135,7 @@ def bench_train_model(
 
     entries = [("fp", fp, None)]
     for method_name, w, a in cases:
-        q = models.build(name, image_size=image_size, device="cpu")
+        q = models.build(name, image_size=image_size, device=device)
         q.load_state_dict(fp.state_dict())
         method = _timed_method(method_name)
         methods.ptq(method, q, QuantPolicy(weight_bits=w, act_bits=a), feed)
@@ -135,13 +151,14 @@ def bench_train_model(
                 total = sum(saved[label].values()) / 2**30
                 tqdm.write(f"{label}: one forward saves {total:.2f} GiB for backward", file=sys.stderr)
             # Step 1 of each fit allocates the optimizer state: time step 2 only.
-            with memory.rss_guard(limit, f"bench --train {label}"), memory.Peak("cpu") as peak:
+            with memory.rss_guard(limit, f"bench --train {label}"), memory.Peak(device) as peak:
                 step_s = train.fit(model, cfg, data, method=method, progress=False)["history"][-1]["train/step_s"]
             if r >= warm:
                 times[label].append(step_s)
                 peaks[label].append(peak.above)
     n = batch * frames
-    out = {"model": name, "image_size": fp.image_size, "device": "cpu", "batch": batch, "frames": frames}
+    out = {"model": name, "image_size": fp.image_size, "device": torch.device(device).type}
+    out |= {"batch": batch, "frames": frames}
     out["checkpoint_blocks"] = cfg["train"]["checkpoint_blocks"]
     out["param_bytes"] = sum(p.numel() * p.element_size() for p in fp.parameters())
     out["process_bytes"] = process

@@ -167,6 +167,8 @@ def _clips(text: str) -> dict:
 def _bench(args) -> int:
     import json
 
+    import torch
+
     from harness import bench, estimate
     from harness.config import base_config
     from harness.quant.policy import QuantPolicy
@@ -174,6 +176,7 @@ def _bench(args) -> int:
     # The quant section of an fp config is normalized away: read it as rtn's.
     policy = QuantPolicy.from_config(base_config(None, ["method.name=rtn", *args.overrides])["quant"])
     model_list = [(m, None if m == "sam2_small" else args.image_size) for m in args.models]
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if args.train:
         extra = [o for o in args.overrides if o.startswith("train.")]
         limit = int(args.limit_gb * 2**30) if args.limit_gb else None
@@ -184,14 +187,22 @@ def _bench(args) -> int:
             clips = size_of or (SMALL_CLIPS if m == "sam2_small" else LARGE_CLIPS)
             results.append(
                 bench.bench_train_model(
-                    m, size, cases, args.repeats, breakdown=args.breakdown, overrides=extra, limit=limit, **clips
+                    m,
+                    size,
+                    cases,
+                    args.repeats,
+                    breakdown=args.breakdown,
+                    overrides=extra,
+                    limit=limit,
+                    device=device,
+                    **clips,
                 )
             )
             where = estimate.record(results[-1], args.results)
         print(json.dumps(results, indent=1) if args.json else bench.format_train(results))
         print(f"figures for `qbench suite --dry-run` estimates: {where}", file=sys.stderr)
         return 0
-    results = bench.run(policy, model_list, repeats=args.repeats, method=args.method)
+    results = bench.run(policy, model_list, repeats=args.repeats, method=args.method, device=device)
     print(json.dumps(results, indent=1) if args.json else bench.format_text(results, policy, args.method))
     return 0
 
@@ -380,6 +391,7 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--breakdown", action="store_true", help="--train: bytes saved for backward, by module")
     s.add_argument("--limit-gb", type=float, help="--train on CPU: stop when resident memory passes this")
     s.add_argument("--results", default="results", help="--train: the results folder its figures are kept in")
+    s.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda where there is one, else cpu")
     s.set_defaults(fn=_bench)
     return p
 
