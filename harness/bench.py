@@ -122,7 +122,9 @@ def bench_train_model(
     base = [f"model.name={name}", "method.name=lsq", "train.steps=2", "train.log_every=1"]
     base += [f"train.batch_size={batch}", f"train.frames={frames}", "train.data.kind=stream"]
     base += [f"model.image_size={image_size}"] if image_size else []
-    cfg = base_config(None, [*base, *overrides])
+    # Clips of as many objects as a run's clip may hold (train.max_objects): memory grows with them
+    objects = base_config(None, [*base, *overrides])["train"]["max_objects"] or 3
+    cfg = base_config(None, [*base, f"train.data.objects=[{objects},{objects}]", *overrides])
     data = train.train_data(cfg, None)
     torch.manual_seed(0)
     fp = models.build(name, image_size=image_size, device=device)
@@ -158,7 +160,7 @@ def bench_train_model(
                 peaks[label].append(peak.above)
     n = batch * frames
     out = {"model": name, "image_size": fp.image_size, "device": torch.device(device).type}
-    out |= {"batch": batch, "frames": frames}
+    out |= {"batch": batch, "frames": frames, "objects": objects}
     out["checkpoint_blocks"] = cfg["train"]["checkpoint_blocks"]
     out["param_bytes"] = sum(p.numel() * p.element_size() for p in fp.parameters())
     out["process_bytes"] = process

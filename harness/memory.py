@@ -44,9 +44,12 @@ def rss_bytes(field: str = "VmRSS") -> int | None:
     return int(m.group(1)) * 1024 if m else None
 
 
-def available_bytes() -> int | None:
-    """Memory the work may use: the CUDA device's total, or the host's available RAM."""
-    if torch.cuda.is_available():
+def available_bytes(device: str = "cpu") -> int | None:
+    """Memory work on `device` may use: the CUDA device's total, or the host's available RAM;
+    None where this machine cannot tell (no CUDA device here)."""
+    if device == "cuda":
+        if not torch.cuda.is_available():
+            return None
         return torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory
     try:
         m = re.search(r"MemAvailable:\s+(\d+) kB", open("/proc/meminfo").read())

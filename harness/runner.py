@@ -19,7 +19,7 @@ import mlflow
 import torch
 
 import methods
-from harness import estimate, models
+from harness import estimate, memory, models
 from harness.claims import Claims, clean_scratch, scratch_suffix
 from harness.config import RunSpec, Suite
 from harness.data import synthetic
@@ -43,10 +43,15 @@ def dataset(cfg: dict, part: str | dict, results_dir: Path):
 
 
 @contextlib.contextmanager
-def _phase(times: dict, name: str):
+def _phase(times: dict, name: str, device: str = "cpu"):
+    """Time (time_<name>_s) and peak memory (peak_<name>_gib: CPU, the process's resident set;
+    CUDA, allocated) of one step of a run; the peak's reset also returns freed heap to the system."""
     start = time.perf_counter()
-    yield
+    with memory.Peak(device) as peak:
+        yield
     times[f"time_{name}_s"] = time.perf_counter() - start
+    if peak.peak is not None:
+        times[f"peak_{name}_gib"] = peak.peak / 2**30
 
 
 def _log(metrics: dict, step: int | None = None) -> None:
@@ -113,17 +118,17 @@ def prepare(cfg: dict, results_dir: Path, metrics: dict, checkpoint_dir: Path | 
     `metrics` receives the time of each step (time_<step>_s) and the training metrics.
     """
     method = methods.from_config(cfg["method"])
-    with _phase(metrics, "build"):
+    with _phase(metrics, "build", cfg["device"]):
         ctx = context(cfg, results_dir, checkpoint_dir)
-    with _phase(metrics, "plan"):
+    with _phase(metrics, "plan", cfg["device"]):
         method.plan(ctx)
-    with _phase(metrics, "quantize"):
+    with _phase(metrics, "quantize", cfg["device"]):
         method.quantize(ctx)
     if method.quantizes:
-        with _phase(metrics, "calibrate"):
+        with _phase(metrics, "calibrate", cfg["device"]):
             method.calibrate(ctx)
     if method.trains and cfg["train"]["steps"] > 0:
-        with _phase(metrics, "train"):
+        with _phase(metrics, "train", cfg["device"]):
             metrics.update(method.train(ctx))
     return ctx.student, ctx.decisions
 
@@ -144,7 +149,7 @@ def run_one(spec, results_dir: Path, suite: str = "default") -> dict:
     # invocation removes the folder (claims.clean_scratch).
     (results_dir / "tmp").mkdir(parents=True, exist_ok=True)
     scratch = tempfile.TemporaryDirectory(dir=results_dir / "tmp", prefix="eval-", suffix=scratch_suffix())
-    with _phase(times, "evaluate"), scratch as tmp:
+    with _phase(times, "evaluate", cfg["device"]), scratch as tmp:
         save = Path(tmp) / "predictions" if cfg["eval"]["save_predictions"] else None
         late = {}
         evaluator = evaluators.get(cfg["data"]["eval"]["kind"])

@@ -132,6 +132,9 @@ class TrainCfg(Strict):
     # (harness/estimate.py) exceeds the memory available
     memory_check: bool = True
     frames: int = Field(4, ge=1)  # clip length T
+    # Objects per clip at most (a random subset of those in its first frame; 0: all). SAM2.1's
+    # fine-tuning configs take 3 (max_num_objects); memory grows with frames x objects
+    max_objects: int = Field(3, ge=0)
     image_fraction: float = Field(0.0, ge=0, le=1)  # share of steps that are single images
     lr: float = Field(1e-4, gt=0)
     weight_decay: float = Field(0.01, ge=0)

@@ -188,7 +188,9 @@ def train_data(cfg: dict, dataset_for) -> ClipDataset:
         source = {"seed": d["seed"], "size": parse_size(d["size"]), "objects": d["objects"]}
     else:
         source = dataset_for(d)
-    return ClipDataset(source, image_size, t["frames"], cfg["seed"], t["flip"], t["scale_jitter"])
+    return ClipDataset(
+        source, image_size, t["frames"], cfg["seed"], t["flip"], t["scale_jitter"], max_objects=t["max_objects"]
+    )
 
 
 def _micro_weights(parts: list, device) -> list[float]:

@@ -34,6 +34,10 @@ def test_an_estimate_at_the_benched_clip_is_the_measured_peak_plus_the_resident_
     per_frame = (lsq["peak_bytes"] - 3 * out["param_bytes"]) / 2
     assert longer["peak_bytes"] - est["peak_bytes"] == pytest.approx(2 * per_frame)
     assert longer["step_s"] == pytest.approx(2 * lsq["step_s"])
+    # Benched at train.max_objects (3) objects a clip: a run capped at 1 holds a third as much per frame
+    assert out["objects"] == 3
+    one = estimate.run(_cfg("train.batch_size=1", "train.frames=2", "train.max_objects=1"), results)
+    assert est["peak_bytes"] - one["peak_bytes"] == pytest.approx(2 * per_frame * 2 / 3)
     # A micro-batch holds one clip: memory as one clip, time as the whole batch
     micro = estimate.run(_cfg("train.batch_size=8", "train.micro_batch=1", "train.frames=2"), results)
     assert micro["peak_bytes"] == pytest.approx(est["peak_bytes"]) and micro["step_s"] == pytest.approx(
@@ -41,6 +45,19 @@ def test_an_estimate_at_the_benched_clip_is_the_measured_peak_plus_the_resident_
     )
     teacher = estimate.run(_cfg("train.batch_size=1", "train.frames=2", "train.objectives.distill_mask=1"), results)
     assert teacher["peak_bytes"] - est["peak_bytes"] == out["param_bytes"]
+
+
+def test_a_cuda_run_with_cpu_figures_only_gets_their_memory_and_is_not_refused_on_them(figures):
+    results, out = figures
+    cpu = estimate.run(_cfg("train.batch_size=1", "train.frames=2"), results)
+    cuda = _cfg("train.batch_size=1", "train.frames=64", "device=cuda")
+    est = estimate.run(cuda, results)
+    assert est["benched_on"] == "cpu" and est["step_s"] is None
+    per_frame = (out["cases"]["lsq W4A4"]["peak_bytes"] - 3 * out["param_bytes"]) / 2
+    # the CPU process is not on the GPU
+    assert est["peak_bytes"] == pytest.approx(cpu["peak_bytes"] - out["process_bytes"] + 62 * per_frame)
+    assert "time not measured" in estimate.describe(est, 10) and "on cpu in fp32" in estimate.describe(est, 10)
+    estimate.check(_cfg("device=cuda", "train.frames=100000"), results)  # no refusal on another device's figures
 
 
 def test_no_estimate_without_figures_for_the_run(figures, tmp_path):

@@ -49,6 +49,19 @@ def test_clips_have_all_objects_of_the_first_frame_at_the_model_size(davis_root)
     assert batch.masks[0].flatten(1).any(1).all()  # every object is visible in frame 0
 
 
+def test_clips_hold_at_most_max_objects_of_the_first_frames_objects():
+    source = {"seed": 11, "size": (160, 96), "objects": (4, 4)}
+    every = ClipDataset(source, image_size=96, frames=2, seed=0)
+    capped = ClipDataset(source, image_size=96, frames=2, seed=0, max_objects=2)
+    for i in range(4):
+        ids = [o.object_id for o in every[i].frames[0].objects]
+        kept = [o.object_id for o in capped[i].frames[0].objects]
+        assert len(ids) > 2 and len(kept) == 2 and set(kept) <= set(ids)
+        assert [o.object_id for o in capped[i].frames[1].objects] == kept  # the same objects all clip long
+    assert len({tuple(o.object_id for o in capped[i].frames[0].objects) for i in range(12)}) > 1  # drawn per clip
+    assert config("train.steps=1")["train"]["max_objects"] == 3  # SAM2.1's fine-tuning max_num_objects
+
+
 def test_lr_schedule_warms_up_then_decays_to_the_floor():
     assert lr_factor(0, 100, 10, 0.1) == pytest.approx(0.1)
     assert lr_factor(9, 100, 10, 0.1) == pytest.approx(1.0)

@@ -30,7 +30,9 @@ STD = torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1)
 
 
 class ClipDataset(Dataset):
-    """Clip `index` of T frames, all objects; `len` is nominal (indices beyond it work too)."""
+    """Clip `index` of T frames with at most `max_objects` of the objects visible in its first frame
+    (a random subset where there are more, as SAM2's training sampler draws them; 0: all). A
+    step's memory grows with frames x objects. `len` is nominal (indices beyond it work too)."""
 
     def __init__(
         self,
@@ -41,10 +43,12 @@ class ClipDataset(Dataset):
         flip: bool = False,
         scale_jitter: float = 0.0,
         length: int = 10**9,
+        max_objects: int = 0,
     ):
         """`source`: a DavisDataset, or {"seed", "size": (w, h), "objects": (lo, hi)} for a stream."""
         self.source, self.image_size, self.frames = source, image_size, frames
         self.seed, self.flip, self.scale_jitter, self.length = seed, flip, scale_jitter, length
+        self.max_objects = max_objects
         if isinstance(source, DavisDataset):
             self.usable = [s for s in source.sequences if len(source.frame_names(s)) >= frames]
             if not self.usable:
@@ -97,6 +101,8 @@ class ClipDataset(Dataset):
             small = np.asarray(Image.fromarray(np.ascontiguousarray(label)).resize(size, Image.NEAREST))
             if ids is None:  # the objects of the clip: those visible in its first frame, as prompted
                 ids = [int(i) for i in np.unique(small) if i not in (0, 255)]
+                if self.max_objects and len(ids) > self.max_objects:
+                    ids = sorted(int(i) for i in rng.choice(ids, self.max_objects, replace=False))
             frames.append(Frame(tensor, [Object(i, len(frames), torch.from_numpy(small == i)) for i in ids]))
         return VideoDatapoint(frames, video_id=index, size=(height, width))
 
