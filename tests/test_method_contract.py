@@ -172,3 +172,6 @@ def test_runner_runs_the_steps_in_order(cls, steps, calls, tmp_path, monkeypatch
     assert {"time_build_s", "time_plan_s", "time_quantize_s"} <= metrics.keys()
     assert ("time_calibrate_s" in metrics) == ("calibrate" in calls)
     assert ("time_train_s" in metrics) == ("train/loss" in metrics) == ("train" in calls)
+    # each step's peak memory beside its time (Linux: the process's peak resident set)
+    assert {k[5:-4] for k in metrics if k.startswith("peak_")} == {k[5:-2] for k in metrics if k.startswith("time_")}
+    assert all(0 < metrics[k] < 64 for k in metrics if k.startswith("peak_"))
