@@ -12,8 +12,9 @@ and adds the resident models (student, and the FP teacher when a distillation te
 on a CPU, the process that was resident before the models. Time scales with the frames of a step.
 Only measured figures are used: a run with none for its model has no estimate. A CUDA run with
 figures from a CPU only gets a memory estimate from them, marked so and never refused on: the CPU
-ran fp32 where CUDA runs bf16 autocast (most saved activations half the size), so it is an
-estimate from above, and a CPU's step time says nothing of a GPU's.
+ran fp32 where CUDA runs bf16 autocast (most saved activations half the size), and a CPU's step
+time says nothing of a GPU's. Any estimate is only as good as the benched step: one that draws
+more corrective clicks than it did holds more (README, "Real size").
 """
 
 from __future__ import annotations
