@@ -27,7 +27,7 @@ def _suite(args) -> int:
         misfits = []
         for spec, state in states:
             est = estimate.run(spec.config, args.results)
-            ok, have = estimate.fits(est, str(spec.config["device"]).split(":")[0])
+            ok, have = estimate.fits(est, estimate.device_type(spec.config))
             cost = f"  {estimate.describe(est, spec.config['train']['steps'])}" if est else ""
             print(f"  {spec.run_key}  {state:<8}  {spec.name}{cost}")
             if not ok:

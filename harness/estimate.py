@@ -34,6 +34,11 @@ def path(results_dir: str | Path) -> Path:
     return Path(results_dir) / "bench" / "train.json"
 
 
+def device_type(cfg: dict) -> str:
+    """'cpu' or 'cuda' of a run config's device ('cuda:1' is 'cuda')."""
+    return str(cfg["device"]).split(":")[0]
+
+
 def key(model: str, image_size, device: str, method: str, checkpoint_blocks: bool) -> str:
     return f"{model}@{image_size}/{device}/{method}/checkpoint_blocks={str(checkpoint_blocks).lower()}"
 
@@ -74,7 +79,7 @@ def run(cfg: dict, results_dir: str | Path) -> dict | None:
     p = path(results_dir)
     if not p.is_file():
         return None
-    m, device, method = cfg["model"], str(cfg["device"]).split(":")[0], cfg["method"]["name"]
+    m, device, method = cfg["model"], device_type(cfg), cfg["method"]["name"]
     size = models.load_config(m["name"], m["image_size"]).model.image_size
     table = json.loads(p.read_text())
     entry = table.get(key(m["name"], size, device, method, t["checkpoint_blocks"]))
@@ -123,10 +128,10 @@ def check(cfg: dict, results_dir: str | Path) -> None:
     """Refuse, before any work, a training run whose estimate does not fit (train.memory_check)."""
     if not cfg["train"].get("memory_check", True):
         return
-    est = run(cfg, results_dir)
-    if est is not None and est["benched_on"] != str(cfg["device"]).split(":")[0]:
+    est, device = run(cfg, results_dir), device_type(cfg)
+    if est is not None and est["benched_on"] != device:
         return  # another device's figures: the dry run prints them, too rough to refuse a run on
-    ok, have = fits(est, str(cfg["device"]).split(":")[0])
+    ok, have = fits(est, device)
     if not ok:
         raise OutOfMemory(
             f"train: {describe(est, cfg['train']['steps'])}, more than the {have / GIB:.1f} GiB available; "
