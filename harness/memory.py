@@ -58,15 +58,26 @@ def available_bytes(device: str = "cpu") -> int | None:
     return int(m.group(1)) * 1024 if m else None
 
 
+_OPEN: list = []  # the Peaks open now, outermost first: an inner one's reset would hide theirs
+
+
 class Peak:
     """`with Peak(device) as p: work()`, then p.peak (bytes at the peak) and p.above (bytes above
-    what was resident when the block began). None where the platform cannot tell."""
+    what was resident when the block began). None where the platform cannot tell. Nests: a block
+    inside another hands its peak out, so the outer one still sees the whole."""
 
     def __init__(self, device: torch.device | str = "cpu"):
         self.cuda = torch.device(device).type == "cuda"
         self.peak = self.above = self.start = None
+        self._seen = 0
+
+    def _reading(self) -> int | None:
+        return torch.cuda.max_memory_allocated() if self.cuda else rss_bytes("VmHWM")
 
     def __enter__(self):
+        for outer in _OPEN:
+            outer._seen = max(outer._seen, (outer._reading() or 0) if outer.cuda == self.cuda else 0)
+        _OPEN.append(self)
         if self.cuda:
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
@@ -83,9 +94,10 @@ class Peak:
     def __exit__(self, *exc):
         if self.cuda:
             torch.cuda.synchronize()
-            self.peak = torch.cuda.max_memory_allocated()
-        else:
-            self.peak = rss_bytes("VmHWM")
+        _OPEN.remove(self)
+        self.peak = self._reading()
+        if self.peak is not None:
+            self.peak = max(self.peak, self._seen)
         if self.peak is not None and self.start is not None:
             self.above = self.peak - self.start
         return False

@@ -28,7 +28,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from harness import models
+from harness import memory, models
 from harness.data.clips import ClipDataset, collate
 from harness.errors import NonFiniteError, OutOfMemory
 from harness.progress import progress as progress_bar
@@ -364,7 +364,7 @@ def fit(
         start, history = state["step"], state["history"]
 
     # --- loop
-    metrics, running, last, last_step = {}, {}, time.perf_counter(), start
+    metrics, running, last, last_step, peak = {}, {}, time.perf_counter(), start, None
     bar = progress_bar(
         range(start, steps), initial=start, total=steps, desc="train", unit="step", enabled=progress and rank == 0
     )
@@ -380,16 +380,19 @@ def fit(
             micro = t.get("micro_batch") or share
             parts = [collate(clips[i : i + micro]).to(device) for i in range(0, share, micro)]
             optimizer.zero_grad(set_to_none=True)
-            try:
-                values = _accumulate(
-                    net, view, model, parts, criterion, objectives, teacher_view, method, blocks, t["amp"], step
-                )
-            except torch.OutOfMemoryError:
-                raise OutOfMemory(_oom_reason(step, device, micro, share, t["frames"])) from None
-            if t["grad_clip"]:
-                torch.nn.utils.clip_grad_norm_([p for g in groups for p in g["params"]], t["grad_clip"])
-            lr = optimizer.param_groups[0]["lr"]  # this step's rate (the scheduler moves on below)
-            optimizer.step()
+            with memory.Peak(device) as step_peak:
+                try:
+                    values = _accumulate(
+                        net, view, model, parts, criterion, objectives, teacher_view, method, blocks, t["amp"], step
+                    )
+                except torch.OutOfMemoryError:
+                    raise OutOfMemory(_oom_reason(step, device, micro, share, t["frames"])) from None
+                if t["grad_clip"]:
+                    torch.nn.utils.clip_grad_norm_([p for g in groups for p in g["params"]], t["grad_clip"])
+                lr = optimizer.param_groups[0]["lr"]  # this step's rate (the scheduler moves on below)
+                optimizer.step()
+            if step_peak.peak is not None:
+                peak = max(peak or 0, step_peak.peak)
             schedule.step()
             if method is not None:
                 method.on_step(model, step)
@@ -408,6 +411,8 @@ def fit(
                 running = {}
                 metrics["train/lr"] = lr
                 metrics["train/step_s"] = (now - last) / (done - last_step)
+                if peak is not None:  # the highest step since the last record (CPU: resident set)
+                    metrics["train/peak_gib"], peak = peak / 2**30, None
                 last, last_step = now, done
                 history.append({"step": done, **metrics})
                 if rank == 0 and log is not None:

@@ -163,6 +163,21 @@ def test_out_of_memory_in_a_step_names_the_step_and_the_micro_batch(davis):
         )
 
 
+@pytest.mark.skipif(memory.rss_bytes() is None, reason="needs /proc (Linux)")
+def test_a_peak_inside_another_leaves_the_outer_one_the_whole_peak():
+    size = 256 * 2**20
+    with memory.Peak() as outer:
+        with memory.Peak() as first:
+            big = torch.ones(size // 4)  # 256 MiB, touched
+            del big
+        with memory.Peak() as second:
+            small = torch.ones(2**20)
+            del small
+    # The inner resets of the high-water mark must not hide the first block's peak from the outer
+    assert first.above > 0.9 * size and second.above < 0.5 * size
+    assert outer.peak >= first.peak and outer.above > 0.9 * size
+
+
 def test_train_bench_reports_peak_memory_and_what_is_saved_for_backward():
     from harness import bench
 

@@ -306,13 +306,31 @@ def test_results_shifted_mask_void_and_unknown_ids_in_mode_l(davis, tmp_path):
 def test_results_missing_frame_is_empty(davis, tmp_path):
     res = write_results(tmp_path / "res")
     (res / "seqa" / "00003.png").unlink()
-    with pytest.raises(DatasetError, match=r"sequence 'seqa': 1 of 5 prediction frames missing .*first 00003\.png"):
+    with pytest.raises(
+        DatasetError, match=r"sequence 'seqa': 1 of 3 scored prediction frames missing .*first 00003\.png"
+    ):
         score_results_folder(davis, res, sequences=["seqa"])
     df, _ = score_results_folder(davis, res, sequences=["seqa"], allow_missing=True)
     # Both seqa objects: J = F = [1, 1, 0] over frames 1-3 -> means 2/3; decay: n = 3, edges
     # round(0, .5, 1, 1.5, 2) = 0, 1, 1, 2, 2 -> first bin v[0..1] = 1, last bin v[2] = 0 -> 1.
     assert df["J-mean"].tolist() == pytest.approx([2 / 3, 2 / 3])
     assert df["F-decay"].tolist() == [1.0, 1.0]
+
+
+def test_results_with_only_the_scored_frames_score_as_with_all(davis, tmp_path):
+    def shift(seq, t, ids):
+        return np.roll(ids, t, axis=1)  # a different error on every frame
+
+    full = write_results(tmp_path / "all", shift)
+    part = write_results(tmp_path / "scored", shift)
+    for seq in ("seqa", "seqb"):
+        names = sorted(p.name for p in (part / seq).iterdir())
+        (part / seq / names[0]).unlink()  # the given first mask and the last frame are never read
+        (part / seq / names[-1]).unlink()
+    df_all, all_frames = score_results_folder(davis, full)
+    df_part, scored_only = score_results_folder(davis, part)
+    assert scored_only == all_frames and 0 < all_frames["J&F-mean"] < 1
+    pd.testing.assert_frame_equal(df_part, df_all)
 
 
 def test_results_missing_sequence_folder(davis, tmp_path):

@@ -17,7 +17,7 @@ from harness.evaluate.metrics import late_objects, per_object_frame, score_seque
 
 
 def _read_prediction(path: Path, shape: tuple[int, int]) -> np.ndarray:
-    # A frame the run did not write (allowed with allow_missing) is an empty prediction.
+    # A frame not written (the unscored first and last, or a scored one under allow_missing) is empty.
     if not path.exists():
         return np.zeros(shape, dtype=np.uint8)
     ids = read_palette_png(path)
@@ -39,7 +39,9 @@ def score_results_folder(
 ) -> tuple[pd.DataFrame, dict]:
     """Per-object J/F statistics and the dataset summary (J&F-mean, ...) of a results folder.
 
-    A missing prediction frame is an error naming it; with `allow_missing` it is scored as empty.
+    Only the scored frames need a prediction: DAVIS 2017's semi-supervised protocol (the official
+    davis2017-evaluation reads frames [1:-1]) never reads the first frame (the given mask) or the
+    last. A missing scored frame is an error naming it; with `allow_missing` it is scored as empty.
     `report` (a dict) receives "filled" (the number of frames scored as empty) and "late"
     ({sequence: ids} of objects that appear after the first frame, which are not scored).
     """
@@ -52,11 +54,12 @@ def score_results_folder(
         if not seq_dir.is_dir() and not allow_missing:
             raise DatasetError(f"predictions folder {seq_dir} for sequence {seq!r} does not exist")
         names = dataset.frame_names(seq)
-        missing = [n for n in names if not (seq_dir / f"{n}.png").is_file()]
+        scored = names[1:-1]
+        missing = [n for n in scored if not (seq_dir / f"{n}.png").is_file()]
         if missing and not allow_missing:
             raise DatasetError(
-                f"sequence {seq!r}: {len(missing)} of {len(names)} prediction frames missing in {seq_dir}, first "
-                f"{', '.join(m + '.png' for m in missing[:5])}; --allow-missing scores them as empty"
+                f"sequence {seq!r}: {len(missing)} of {len(scored)} scored prediction frames missing in {seq_dir}, "
+                f"first {', '.join(m + '.png' for m in missing[:5])}; --allow-missing scores them as empty"
             )
         filled += len(missing)
         gt = dataset.annotations(seq)
