@@ -125,8 +125,8 @@ class TrainCfg(Strict):
     # Clips in memory at once on a rank (0: its whole share); gradients accumulate over the
     # micro-batches to those of batch_size clips, the loss weighted as one batch's
     micro_batch: int = Field(0, ge=0)
-    # Recompute the image encoder's blocks and memory attention's layers in backward instead of
-    # keeping their activations (torch.utils.checkpoint; the same gradients; one more forward of them)
+    # Recompute the image encoder's blocks, memory attention's layers, the memory encoder and the
+    # mask decoder (one pass per corrective click) in backward instead of keeping their activations (torch.utils.checkpoint; the same gradients; one more forward of them)
     checkpoint_blocks: bool = True
     # Refuse the run before any work when its estimate from `qbench bench --train` figures
     # (harness/estimate.py) exceeds the memory available

@@ -83,11 +83,13 @@ def test_micro_batches_give_the_gradients_of_the_whole_batch(name, bits, davis, 
     assert (equal[1] - whole[1]).norm() > 10 * tolerance
 
 
-def test_checkpointed_blocks_give_the_same_gradients_and_statistics(davis, tmp_path):
+@pytest.mark.parametrize("prompts", ["train.prompts.point_prob=0", "train.prompts.point_prob=1"])
+def test_checkpointed_blocks_give_the_same_gradients_and_statistics(prompts, davis, tmp_path):
     """Q-SAM2's LSC moves a running statistic at every forward; the recomputed blocks must see the
-    statistic of their first run, and leave the live one as it was."""
-    plain = _step("qsam2", (2, 8), davis, tmp_path / "plain", "train.checkpoint_blocks=false")
-    ckpt = _step("qsam2", (2, 8), davis, tmp_path / "ckpt", "train.checkpoint_blocks=true")
+    statistic of their first run, and leave the live one as it was. With point prompts the mask
+    decoder runs once per corrective click, each pass recomputed in backward."""
+    plain = _step("qsam2", (2, 8), davis, tmp_path / "plain", prompts, "train.checkpoint_blocks=false")
+    ckpt = _step("qsam2", (2, 8), davis, tmp_path / "ckpt", prompts, "train.checkpoint_blocks=true")
     assert ckpt[0] == pytest.approx(plain[0], rel=1e-6)
     assert (ckpt[1] - plain[1]).norm() <= 1e-5 * plain[1].norm()
     assert plain[2] and all(torch.allclose(a, b, rtol=1e-6) for a, b in zip(plain[2], ckpt[2], strict=True))
@@ -99,12 +101,14 @@ def test_checkpointing_keeps_less_for_backward(davis):
     view = models.training_view(model, "sam2_small", None, cfg["train"]["prompts"])
     view.train()
     inputs = collate([ClipDataset(davis, 128, 2, seed=0)[0]])
-    totals = {}
+    totals, decoder = {}, {}
     for blocks in (False, True):
         with recompute.checkpointing(model, blocks), memory.saved_for_backward(model) as table:
             view(inputs)
         totals[blocks] = sum(table.values())
+        decoder[blocks] = sum(b for (part, _), b in table.items() if part in ("sam_mask_decoder", "memory_encoder"))
     assert totals[True] < 0.7 * totals[False], totals
+    assert decoder[True] < 0.2 * decoder[False], decoder  # about their inputs, which the checkpoint keeps
 
 
 def test_later_micro_batches_leave_running_statistics_alone():

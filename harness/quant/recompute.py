@@ -25,8 +25,11 @@ from torch.utils.checkpoint import checkpoint
 _FROZEN: contextvars.ContextVar[bool] = contextvars.ContextVar("statistics_frozen", default=False)
 _INSIDE: contextvars.ContextVar[bool] = contextvars.ContextVar("inside_checkpoint", default=False)
 
-# What `train.checkpoint_blocks` wraps: Hiera's blocks and memory attention's layers.
-BLOCKS = ["image_encoder.trunk.blocks.*", "memory_attention.layers.*"]
+# What `train.checkpoint_blocks` wraps: Hiera's blocks, memory attention's layers, and the two
+# modules SAM2Train calls once per frame and object (the memory encoder) or once per click (the
+# mask decoder: up to 1 + correction_points passes per corrected frame). At 1024 px each decoder
+# pass kept about 0.4 GiB and the memory encoder 0.7 GiB per frame of 3 objects (pact W2A8, hiera_t).
+BLOCKS = ["image_encoder.trunk.blocks.*", "memory_attention.layers.*", "sam_mask_decoder", "memory_encoder"]
 
 
 def statistics_frozen() -> bool:
