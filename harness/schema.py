@@ -126,7 +126,8 @@ class TrainCfg(Strict):
     # micro-batches to those of batch_size clips, the loss weighted as one batch's
     micro_batch: int = Field(0, ge=0)
     # Recompute the image encoder's blocks, memory attention's layers, the memory encoder and the
-    # mask decoder (one pass per corrective click) in backward instead of keeping their activations (torch.utils.checkpoint; the same gradients; one more forward of them)
+    # mask decoder (one pass per corrective click) in backward instead of keeping their
+    # activations (torch.utils.checkpoint; the same gradients; one more forward of them)
     checkpoint_blocks: bool = True
     # Refuse the run before any work when its estimate from `qbench bench --train` figures
     # (harness/estimate.py) exceeds the memory available
