@@ -122,6 +122,8 @@ def bench_train_model(
     base = [f"model.name={name}", "method.name=lsq", "train.steps=2", "train.log_every=1"]
     base += [f"train.batch_size={batch}", f"train.frames={frames}", "train.data.kind=stream"]
     base += [f"model.image_size={image_size}"] if image_size else []
+    # Point prompts: every clip's first frame gets its corrective clicks, each one more decoder pass
+    base += ["train.prompts.point_prob=1"]
     # Clips of as many objects as a run's clip may hold (train.max_objects): memory grows with them
     objects = base_config(None, [*base, *overrides])["train"]["max_objects"] or 3
     cfg = base_config(None, [*base, f"train.data.objects=[{objects},{objects}]", *overrides])

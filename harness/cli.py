@@ -9,6 +9,7 @@ import sys
 import warnings
 from pathlib import Path
 
+from harness import interrupts
 from harness.errors import ConfigError, QBenchError
 
 
@@ -411,7 +412,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
     warnings.filterwarnings("ignore", message="fast_hadamard_transform package not found")
     try:
-        return args.fn(args)
+        with interrupts.handled():
+            return args.fn(args)
     except QBenchError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

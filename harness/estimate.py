@@ -13,8 +13,9 @@ on a CPU, the process that was resident before the models. Time scales with the 
 Only measured figures are used: a run with none for its model has no estimate. A CUDA run with
 figures from a CPU only gets a memory estimate from them, marked so and never refused on: the CPU
 ran fp32 where CUDA runs bf16 autocast (most saved activations half the size), and a CPU's step
-time says nothing of a GPU's. Any estimate is only as good as the benched step: one that draws
-more corrective clicks than it did holds more (README, "Real size").
+time says nothing of a GPU's. Any estimate is only as good as the benched step: the bench prompts
+with points (corrective clicks on the first frame); a step that also corrects a second frame
+holds more (README, "Real size").
 """
 
 from __future__ import annotations

@@ -15,7 +15,20 @@ import time
 
 from tqdm.auto import tqdm
 
+from harness.interrupts import check
+
 log = logging.getLogger("qbench")
+
+
+class _Bar(tqdm):
+    def update(self, n=1):
+        check()
+        return super().update(n)
+
+    def __iter__(self):
+        for item in super().__iter__():
+            check()
+            yield item
 
 
 class _Lines:
@@ -28,6 +41,7 @@ class _Lines:
         log.info("%s: 0/%s %s", desc, self.total or "?", unit)
 
     def update(self, n: int = 1) -> None:
+        check()
         self.n += n
         now = time.monotonic()
         if now - self.last >= self.interval:
@@ -74,5 +88,5 @@ def progress(
     """A tqdm-like bar (iterate over it, or `update(n)` it inside `with`; `set_postfix`)."""
     enabled = enabled and not _quiet
     if not enabled or sys.stderr.isatty():
-        return tqdm(iterable, total=total, desc=desc, unit=unit, leave=leave, disable=not enabled, initial=initial)
+        return _Bar(iterable, total=total, desc=desc, unit=unit, leave=leave, disable=not enabled, initial=initial)
     return _Lines(iterable, total, desc, unit, initial)

@@ -46,6 +46,8 @@ def dataset(cfg: dict, part: str | dict, results_dir: Path):
 def _phase(times: dict, name: str, device: str = "cpu"):
     """Time (time_<name>_s) and peak memory (peak_<name>_gib: CPU, the process's resident set;
     CUDA, allocated) of one step of a run; the peak's reset also returns freed heap to the system."""
+    if mlflow.active_run() is not None:  # where a killed process was, for its record (tracking.died_reason)
+        mlflow.set_tag("phase", name)
     start = time.perf_counter()
     with memory.Peak(device) as peak:
         yield
@@ -186,7 +188,9 @@ def check_finite(values: dict) -> None:
 
 
 def status(suite: Suite, results_dir: str | Path = "results") -> list[tuple[RunSpec, str]]:
-    """(spec, FINISHED | RUNNING | pending) for each run; writes nothing (no database, experiment, folder)."""
+    """(spec, FINISHED | RUNNING | KILLED | FAILED | pending) for each run: RUNNING while a live
+    process holds it; KILLED or FAILED when its latest record says so, or is RUNNING with its process
+    gone (KILLED); the next invocation runs it again. Writes nothing (no database, experiment, folder)."""
     results_dir = Path(results_dir)
     tracker = Tracker(results_dir, suite.name, create=False)
     claims = Claims(results_dir / "claims" / suite.name, create=False)
@@ -194,8 +198,12 @@ def status(suite: Suite, results_dir: str | Path = "results") -> list[tuple[RunS
     for spec in suite.runs:
         if tracker.finished(spec.run_key):
             out.append((spec, "FINISHED"))
+        elif claims.owner(spec.run_key):
+            out.append((spec, "RUNNING"))
         else:
-            out.append((spec, "RUNNING" if claims.owner(spec.run_key) else "pending"))
+            last = latest_record(tracker, spec.run_key, 0) if tracker.experiment_id is not None else None
+            state = last.info.status if last is not None else "pending"
+            out.append((spec, {"RUNNING": "KILLED", "SCHEDULED": "pending"}.get(state, state)))
     return out
 
 
@@ -262,6 +270,9 @@ def run_suite(
         return follow(suite, results_dir), []
     tracker = Tracker(results_dir, suite.name)
     claims = Claims(results_dir / "claims" / suite.name)
+    for spec in suite.runs:  # records left RUNNING by a process that died: KILLED, with what they tell
+        if claims.owner(spec.run_key) is None:
+            tracker.mark_killed(spec.run_key)
     failed = []
     with tracker.suite(suite.name, len(suite.runs)):
         for spec in progress(suite.runs, desc=f"suite {suite.name}", unit="run"):

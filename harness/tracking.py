@@ -92,6 +92,34 @@ def check_db(results_dir: Path, experiment: str) -> bool:
     return "experiments" in tables
 
 
+def died_reason(client: MlflowClient, run) -> str:
+    """Why a RUNNING record whose process is gone stopped, as far as the record can tell: the phase
+    it was in, its last logged training step and that step's peak memory beside the machine's."""
+    tags, metrics = run.data.tags, run.data.metrics
+    where = f" in phase {tags['phase']}" if "phase" in tags else ""
+    training = tags.get("phase") == "train"
+    if training and "train/loss" in metrics:
+        last = max(m.step for m in client.get_metric_history(run.info.run_id, "train/loss"))
+        where += f" after logged train step {last} of {run.data.params.get('train.steps', '?')}"
+    memory = ""
+    if training and "train/peak_gib" in metrics:
+        total = _mem_total_gib()
+        memory = f"; its last logged step peaked at {metrics['train/peak_gib']:.1f} GiB"
+        memory += f" of this machine's {total:.1f} GiB" if total else ""
+    return (
+        f"process died{where} before the run ended, without an exit of its own: a kill signal "
+        f"(SIGKILL from the kernel's out-of-memory killer, scancel, a time limit) or the machine stopping{memory}"
+    )
+
+
+def _mem_total_gib() -> float | None:
+    try:
+        with open("/proc/meminfo") as f:
+            return int(f.readline().split()[1]) / 2**20  # MemTotal, kB
+    except (OSError, ValueError, IndexError):
+        return None
+
+
 class Tracker:
     def __init__(self, results_dir: str | Path, experiment: str, create: bool = True):
         """With create=False (a dry run) nothing is written: no folder, database or experiment."""
@@ -132,11 +160,11 @@ class Tracker:
         return runs[0] if runs else None
 
     def mark_killed(self, key: str) -> None:
-        """Close RUNNING records of a run whose process died (its claim was stale)."""
-        for run in self.client.search_runs(
-            [self.experiment_id], filter_string=f"tags.run_key = '{key}' and attributes.status = 'RUNNING'"
-        ):
-            self.client.set_tag(run.info.run_id, "failure_reason", "process died before the run ended")
+        """Close as KILLED the RUNNING records of a run whose process died (its claim was stale),
+        with what the record tells of how far it got."""
+        query = f"tags.run_key = '{key}' and attributes.status = 'RUNNING'"
+        for run in self.client.search_runs([self.experiment_id], filter_string=query):
+            self.client.set_tag(run.info.run_id, "failure_reason", died_reason(self.client, run))
             self.client.set_terminated(run.info.run_id, status="KILLED")
 
     def close_dead_suites(self) -> None:
@@ -181,7 +209,11 @@ class Tracker:
             try:
                 yield run
             except BaseException as e:
-                mlflow.set_tag("failure_reason", f"{type(e).__name__}: {e}"[:5000])
+                if isinstance(e, KeyboardInterrupt):
+                    phase = self.client.get_run(run.info.run_id).data.tags.get("phase")
+                    mlflow.set_tag("failure_reason", "interrupted" + (f" in phase {phase}" if phase else ""))
+                else:
+                    mlflow.set_tag("failure_reason", f"{type(e).__name__}: {e}"[:5000])
                 mlflow.log_text(traceback.format_exc(), "traceback.txt")
                 # KILLED, not FAILED, where nothing went wrong with the run: an interrupt, a search's pruner
                 killed = isinstance(e, (KeyboardInterrupt, Pruned))

@@ -16,6 +16,7 @@ import contextlib
 import contextvars
 import copy
 import datetime
+import logging
 import math
 import os
 import random
@@ -362,6 +363,8 @@ def fit(
         schedule.load_state_dict(state["scheduler"])
         _set_rng_state(view, state["rng"][rank] if rank < len(state["rng"]) else state["rng"][0])
         start, history = state["step"], state["history"]
+        if rank == 0:
+            logging.getLogger("qbench").info("train: resuming from step %d of %d (%s)", start, steps, ckpt)
 
     # --- loop
     metrics, running, last, last_step, peak = {}, {}, time.perf_counter(), start, None
