@@ -237,9 +237,19 @@ def _export(args) -> int:
 
 
 def _report(args) -> int:
-    from harness.report import report_suite
+    """The runs' report; for a suite file with a `search:` section, the search's report, and the
+    runs' report too where the file also declares a matrix."""
+    from harness.config import _read, find_suite, load_suite
+    from harness.report import report
 
-    written = report_suite(args.suite, args.overrides, args.results)
+    raw, written = _read(find_suite(args.suite)), {}
+    if raw.search is not None:
+        from harness.search import Search
+        from harness.search_report import report_search
+
+        written = report_search(Search(args.suite, args.overrides, args.results))
+    if raw.search is None or raw.matrix or raw.seeds or raw.include:
+        written |= report(load_suite(args.suite, args.overrides), args.results)
     for path in written.values():
         print(path)
     return 0

@@ -126,7 +126,7 @@ def score_subset(weights: Path, results: Path) -> dict:
     """FP J&F on the first SUBSET val sequences: what tests/test_embedded.py checks the weights against."""
     from harness.config import load_suite
     from harness.evaluate import vos
-    from harness.runner import dataset
+    from harness.evaluate.registry import dataset
 
     cfg = load_suite(VAL_SUITE).runs[0].config
     ds = dataset(cfg, "eval", results)

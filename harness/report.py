@@ -18,26 +18,13 @@ import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 from mlflow.tracking import MlflowClient  # noqa: E402
 
-from harness.config import Suite, _read, find_suite, load_suite  # noqa: E402
+from harness.config import Suite  # noqa: E402
 from harness.errors import ConfigError
+from harness.evaluate import catalog  # noqa: E402
 from harness.evaluate import registry as evaluators  # noqa: E402
 
 log = logging.getLogger("qbench")
 
-# alias: (logged metric, scale, decimals, label). J and F are fractions; papers print them x100.
-METRICS = {
-    "jf": ("J_F-mean", 100, 1, "J&F (%)"),
-    "j": ("J-mean", 100, 1, "J (%)"),
-    "f": ("F-mean", 100, 1, "F (%)"),
-    "miou": ("mIoU", 100, 1, "mIoU (%)"),
-    "ap": ("AP", 100, 1, "mask AP (%)"),
-    "ap50": ("AP50", 100, 1, "mask AP50 (%)"),
-    "ap75": ("AP75", 100, 1, "mask AP75 (%)"),
-    "fps": ("fps", 1, 2, "frames/s"),
-    "size": ("packed_bytes", 1e-6, 2, "packed size (MB)"),
-    "ratio": ("ratio_vs_bf16", 1, 2, "compression vs BF16 (x)"),
-}
-LOWER_IS_BETTER = ("packed_bytes", "bf16_bytes", "bits_per_weight", "J-decay", "F-decay", "time_")
 FIGURES = ("ablation", "bits_vs_metric", "size_vs_metric", "train_curve")
 # Fixed per method so that a method looks the same in every figure of every suite.
 COLOURS = {"fp": "black", "rtn": "#1f77b4", "lsq": "#ff7f0e", "pact": "#2ca02c", "qsam2": "#d62728"}
@@ -61,20 +48,6 @@ STYLE = {
 }
 FIGSIZE, DPI = (3.4, 2.6), 300
 ERRORBARS = {"elinewidth": 0.7, "capthick": 0.7}  # thinner than the lines: seeds' spread, not the data
-
-
-def report_suite(name: str, overrides: list[str] | None = None, results_dir="results") -> dict[str, Path]:
-    """The report of a suite's runs; for a suite file with a `search:` section, the search's report
-    (harness.search_report), and the runs' report too where the file also declares a matrix."""
-    raw, written = _read(find_suite(name)), {}
-    if raw.search is not None:
-        from harness.search import Search
-        from harness.search_report import report_search
-
-        written = report_search(Search(name, overrides, results_dir))
-        if not (raw.matrix or raw.seeds or raw.include):
-            return written
-    return written | report(load_suite(name, overrides), results_dir)
 
 
 def report(suite: Suite, results_dir="results") -> dict[str, Path]:
@@ -198,19 +171,19 @@ def _knobs(keys, values) -> list[str]:
     return [f"{_short(k)}={v}" for k, v in zip(keys, values) if not pd.isna(v)]
 
 
-def _metric(alias: str, df: pd.DataFrame, where: str) -> tuple[str, float, int, str]:
-    if alias in METRICS:
-        return METRICS[alias]
-    if alias in df.attrs["metrics"]:
-        jf = alias.startswith(("J", "F"))
-        return alias, 100 if jf else 1, 1 if jf else 3, f"{alias} (%)" if jf else alias
-    raise ConfigError(f"{where}: unknown metric {alias!r}; expected one of {', '.join(METRICS)} or a logged metric")
+def _metric(alias: str, df: pd.DataFrame, where: str) -> catalog.Info:
+    """A named metric, or any other metric these runs logged (printed as logged)."""
+    try:
+        return catalog.find(alias, where=where)
+    except ConfigError:
+        if alias not in df.attrs["metrics"]:
+            raise
+        return catalog.Info(alias, label=alias)
 
 
 def _aggregate(df: pd.DataFrame, by: list[str], metric) -> pd.DataFrame:
     """mean, std (ddof=1; NaN for n=1) and n of the scaled metric per group, in first-seen order."""
-    name, scale = metric[0], metric[1]
-    values = df.assign(value=df[name] * scale)
+    values = df.assign(value=df[metric.key] * metric.scale)
     if not by:
         values = values.assign(_all=0)
         by = ["_all"]
@@ -222,10 +195,6 @@ def _short(key: str) -> str:
     """method.name -> method, quant.weight_bits -> weight_bits."""
     parts = key.split(".")
     return parts[-2] if parts[-1] == "name" and len(parts) > 1 else parts[-1]
-
-
-def _better(metric) -> str:
-    return "min" if metric[0].startswith(LOWER_IS_BETTER) else "max"
 
 
 # --- table ------------------------------------------------------------------------------------------
@@ -271,10 +240,10 @@ def _cell(r, decimals: int, bold: bool, tex: bool, mixed_n: bool) -> str:
 
 def write_table(df, params, rows: str, cols: str, metric, out: Path, suite: str) -> dict[str, Path]:
     cells = table_frame(df, params, rows, cols, metric)
-    name, _, decimals, label = metric
+    name, decimals, label = metric.key, metric.decimals, metric.label
     cells.rename(columns={"row": rows, "col": cols}).assign(metric=name).to_csv(out / "table.csv", index=False)
     quant = cells["row"] != "fp"
-    best = cells[quant].groupby("col", observed=True)["mean"].transform(_better(metric))
+    best = cells[quant].groupby("col", observed=True)["mean"].transform(metric.direction)
     cells["bold"] = quant & (cells["mean"] == best.reindex(cells.index))
     mixed = cells["n"].nunique() > 1
     col_order = list(cells["col"].cat.categories)
@@ -349,7 +318,7 @@ def figure(df, params, fig_spec, default_metric: str, out: Path, where: str) -> 
             _size_vs_metric(ax, df, params, metric)
         else:
             _lines(ax, df, params, x, metric)
-        ax.set_ylabel(metric[3])
+        ax.set_ylabel(metric.label)
         ax.grid(True, which="both")
         # fp first, the Pareto front last, methods in suite order between (matplotlib groups by artist type).
         handles, labels = ax.get_legend_handles_labels()
@@ -461,7 +430,7 @@ def _size_vs_metric(ax, df, params, metric) -> None:
     """One marker per configuration (seeds pooled); the Pareto front (smaller, better) as a step line."""
     by = [k for k in _swept(df, params) if k != "seed"]
     agg = _aggregate(df, by, metric)
-    agg["size"] = _aggregate(df, by, METRICS["size"])["mean"]
+    agg["size"] = _aggregate(df, by, catalog.RUN["size"])["mean"]
     methods = agg["method.name"] if "method.name" in agg else pd.Series([df["method.name"].iloc[0]] * len(agg))
     # Name each quantized point by what tells it apart from the others (W4, frames=8, ...).
     named = [k for k in _swept(agg[methods.values != "fp"], by) if k != "method.name"]
@@ -472,7 +441,7 @@ def _size_vs_metric(ax, df, params, metric) -> None:
         for _, r in s.iterrows() if method != "fp" else ():
             text = ", ".join(f"W{r[k]}" if k == "quant.weight_bits" else f"{_short(k)}={r[k]}" for k in named)
             ax.annotate(text, (r["size"], r["mean"]), (3, 3), textcoords="offset points", fontsize=6, color=st["color"])
-    sign = 1 if _better(metric) == "max" else -1
+    sign = 1 if metric.direction == "max" else -1
     front, best = [], float("-inf")
     for _, r in agg.sort_values(["size", "mean"], ascending=[True, sign < 0]).iterrows():
         if sign * r["mean"] > best:
@@ -482,4 +451,4 @@ def _size_vs_metric(ax, df, params, metric) -> None:
     front = pd.DataFrame([*front, front[-1].copy()])
     front.iloc[-1, front.columns.get_loc("size")] = agg["size"].max()
     ax.step(front["size"], front["mean"], where="post", color="0.4", ls="--", lw=0.9, zorder=3, label="Pareto front")
-    ax.set_xlabel(METRICS["size"][3])
+    ax.set_xlabel(catalog.RUN["size"].label)

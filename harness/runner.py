@@ -7,6 +7,7 @@ build the student -> method.plan -> quantize -> calibrate -> train (training met
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import functools
 import logging
 import math
@@ -24,6 +25,7 @@ from harness.claims import Claims, clean_scratch, scratch_suffix
 from harness.config import RunSpec, Suite
 from harness.data import synthetic
 from harness.errors import CheckpointError, ConfigError, QBenchError
+from harness.evaluate import catalog
 from harness.evaluate import registry as evaluators
 from harness.progress import progress
 from harness.quant import export
@@ -34,12 +36,28 @@ from harness.tracking import Tracker
 log = logging.getLogger("qbench")
 
 
-def dataset(cfg: dict, part: str | dict, results_dir: Path):
-    """The dataset of `cfg["data"][part]`, or of a data section given as a dict (train.data), opened
-    (and generated, where it has no root) by the evaluator of its kind."""
-    d = cfg["data"][part] if isinstance(part, str) else part
-    name = f"data.{part}" if isinstance(part, str) else "train.data"
-    return evaluators.get(d["kind"]).load(cfg, name, d, Path(results_dir))
+# Set by a search around a run: called with (value, step) after each intermediate evaluation
+# (train.eval_every); it may raise harness.errors.Pruned to stop the run there.
+reporter: contextvars.ContextVar = contextvars.ContextVar("reporter", default=None)
+
+
+def intermediate_eval(ctx):
+    """(step) -> the eval set's main metric of the student now, logged as eval/<metric> at that step
+    and handed to the search's reporter, which may stop the run (Pruned)."""
+    ev = evaluators.get(ctx.cfg["data"]["eval"]["kind"])
+    key = catalog.find(ev.main, ev.kind).key
+    eval_data = evaluators.dataset(ctx.cfg, "eval", ctx.results_dir)
+
+    def evaluate(step: int) -> float:
+        _, summary = ev.evaluate(ctx.student, eval_data, ctx.decisions, save_dir=None, late={})
+        value = float(summary[next(m.key for m in ev.metrics if m.logged == key)])
+        ctx.log({f"eval/{key}": value}, step)
+        report = reporter.get()
+        if report is not None:
+            report(value, step)
+        return value
+
+    return evaluate
 
 
 @contextlib.contextmanager
@@ -82,7 +100,7 @@ def context(cfg: dict, results_dir: Path, checkpoint_dir: Path | None = None) ->
 
     @functools.cache  # opened once: Mix-QSAM feeds the calibration frames once per layer
     def calib_data():
-        return dataset(cfg, "calib", results_dir)
+        return evaluators.dataset(cfg, "calib", results_dir)
 
     def calib_feed(model, frames=None):
         done = evaluators.get(cfg["data"]["calib"]["kind"]).calibrate(
@@ -108,7 +126,7 @@ def context(cfg: dict, results_dir: Path, checkpoint_dir: Path | None = None) ->
     def train(method):
         from harness.train import train  # the training stack is imported only by runs that train
 
-        return train(ctx, method)
+        return train(ctx, method, intermediate_eval(ctx) if cfg["train"].get("eval_every") else None)
 
     ctx.train = train
     return ctx
@@ -144,7 +162,7 @@ def run_one(spec, results_dir: Path, suite: str = "default") -> dict:
     """Run one spec inside an active MLflow run; returns its metrics."""
     cfg, times = spec.config, {}
     estimate.check(cfg, results_dir)
-    eval_ds = dataset(cfg, "eval", results_dir)
+    eval_ds = evaluators.dataset(cfg, "eval", results_dir)
     checkpoints = results_dir / "checkpoints" / suite / spec.run_key  # a killed training run resumes here
     model, decisions = prepare(cfg, results_dir, times, checkpoints)  # times: also the training metrics
     # Scratch under the results folder, named after this process: if it is killed, the next
@@ -396,7 +414,7 @@ def summary_rows(suite: Suite, tracker: Tracker) -> list[dict]:
             {
                 "method": cfg["method"]["name"],
                 "bits": "FP" if fp else f"W{cfg['quant']['weight_bits']}A{cfg['quant']['act_bits']}",
-                **{metric.column: m.get(metric.key.replace("&", "_")) for metric in ev.metrics},
+                **{metric.column: m.get(metric.logged) for metric in ev.columns},
                 ev.rate: m.get("fps"),
                 "packed MB": m.get("packed_bytes", 0) / 1e6,
                 "vs BF16": m.get("ratio_vs_bf16"),
@@ -409,9 +427,9 @@ def summary_rows(suite: Suite, tracker: Tracker) -> list[dict]:
 def write_summary(rows: list[dict], path: Path, suite: Suite | None = None) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     ev = _evaluator(suite) if suite is not None else evaluators.get("synthetic")
-    cols = ["method", "bits", *(m.column for m in ev.metrics), ev.rate, "packed MB", "vs BF16", "run_key"]
+    cols = ["method", "bits", *(m.column for m in ev.columns), ev.rate, "packed MB", "vs BF16", "run_key"]
     # Scores in percent, the unit of the report's tables and figures.
-    head = {m.column: f"{m.column} (%)" for m in ev.metrics if m.percent}
+    head = {m.column: f"{m.column} (%)" for m in ev.columns if m.percent}
     fmt = {ev.rate: "{:.2f}", "packed MB": "{:.3f}", "vs BF16": "{:.2f}x"}
 
     def cell(r, c):

@@ -44,6 +44,7 @@ from harness.config import (
     set_dotted,
 )
 from harness.errors import ConfigError, Pruned
+from harness.evaluate import catalog
 from harness.schema import Strict, validate
 from harness.tracking import Tracker
 
@@ -91,15 +92,11 @@ class SearchCfg(Strict):
 
 
 def _metric_key(alias: str) -> str:
-    from harness.report import METRICS
-
-    return METRICS[alias][0] if alias in METRICS else alias
+    return catalog.find(alias).key
 
 
 def direction(alias: str) -> str:
-    from harness.report import LOWER_IS_BETTER
-
-    return "minimize" if _metric_key(alias).startswith(LOWER_IS_BETTER) else "maximize"
+    return {"min": "minimize", "max": "maximize"}[catalog.find(alias).direction]
 
 
 class Search:
@@ -129,15 +126,8 @@ class Search:
                     raise ConfigError(f"{where}.space.{key}.when: unknown run-config key {cond!r}")
         if not 1 <= len(c.objective) <= 2:
             raise ConfigError(f"{where}.objective: {c.objective!r}; expected one metric or two (e.g. [jf, size])")
-        from harness.evaluate import registry as evaluators
-        from harness.report import METRICS
-
-        logged = {m.key.replace("&", "_") for m in evaluators.get(self.base["data"]["eval"]["kind"]).metrics}
-        logged |= {"packed_bytes", "ratio_vs_bf16", "bits_per_weight", "fps"}
         for m in c.objective:
-            if m not in METRICS and m not in logged:
-                known = ", ".join([*METRICS, *sorted(logged)])
-                raise ConfigError(f"{where}.objective: unknown metric {m!r}; expected one of {known}")
+            catalog.find(m, self.base["data"]["eval"]["kind"], f"{where}.objective")
         multi = len(c.objective) == 2
         if multi and c.pruner not in (None, "none"):
             raise ConfigError(f"{where}.pruner: {c.pruner!r}; Optuna cannot prune multi-objective studies, use none")
@@ -351,8 +341,7 @@ def run_search(search: Search, worker: int = 0) -> optuna.Study:
 
 def _run_trial(spec, trial, search, tracker, claims) -> dict:
     """The trial's metrics: an existing FINISHED record of its run_key, or a new child record."""
-    from harness.runner import run_one
-    from harness.train import reporter
+    from harness.runner import reporter, run_one
 
     while True:
         done = tracker.finished(spec.run_key)

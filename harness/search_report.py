@@ -18,7 +18,8 @@ import optuna  # noqa: E402
 import yaml  # noqa: E402
 
 from harness.errors import ConfigError  # noqa: E402
-from harness.report import DPI, METRICS, STYLE  # noqa: E402
+from harness.evaluate import catalog  # noqa: E402
+from harness.report import DPI, STYLE  # noqa: E402
 from harness.search import Search  # noqa: E402
 
 STATE = optuna.trial.TrialState
@@ -38,11 +39,11 @@ def _fmt(value) -> str:
 
 
 def _label(alias: str) -> str:
-    return METRICS[alias][3] if alias in METRICS else alias
+    return catalog.find(alias).label
 
 
 def _shown(alias: str, value: float) -> float:
-    return value * METRICS[alias][1] if alias in METRICS else value
+    return value * catalog.find(alias).scale
 
 
 def best(search: Search, study: optuna.Study) -> optuna.trial.FrozenTrial | None:

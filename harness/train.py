@@ -13,7 +13,6 @@ gradients are averaged by DDP, and rank 0 alone writes checkpoints and records.
 from __future__ import annotations
 
 import contextlib
-import contextvars
 import copy
 import datetime
 import logging
@@ -32,14 +31,10 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from harness import memory, models
 from harness.data.clips import ClipDataset, collate
 from harness.errors import NonFiniteError, OutOfMemory
+from harness.evaluate import registry as evaluators
 from harness.progress import progress as progress_bar
 from harness.quant import recompute
 from harness.quant.swap import weights_once
-
-# Set by a search around a run: called with (value, step) after each intermediate evaluation
-# (train.eval_every); it may raise harness.errors.Pruned to stop the run there.
-reporter: contextvars.ContextVar = contextvars.ContextVar("reporter", default=None)
-
 
 # SAM2's weights for focal, dice, IoU and object-score terms (sam2.1 training configs).
 LOSS_WEIGHTS = {"loss_mask": 20.0, "loss_dice": 1.0, "loss_iou": 1.0, "loss_class": 1.0}
@@ -138,13 +133,11 @@ def _encoder_features(view) -> tuple[list, object]:
     return feats, hook
 
 
-def train(ctx, method) -> dict:
-    """The `train` step of a run (methods.base.Context): fit the student, return the last metrics."""
-    from harness.runner import dataset  # the runner owns dataset generation and its lock
-
-    data = train_data(ctx.cfg, lambda d: dataset(ctx.cfg, d, ctx.results_dir))
+def train(ctx, method, on_eval=None) -> dict:
+    """The `train` step of a run (methods.base.Context): fit the student, return the last metrics.
+    `on_eval(step)`: the runner's intermediate evaluation, every `train.eval_every` steps."""
+    data = train_data(ctx.cfg, lambda d: evaluators.dataset(ctx.cfg, d, ctx.results_dir))
     teacher = ctx.teacher if distills(ctx.cfg["train"]["objectives"]) else None
-    on_eval = intermediate_eval(ctx) if ctx.cfg["train"].get("eval_every") else None
     history = fit(
         ctx.student, ctx.cfg, data, ctx.checkpoint_dir, method=method, teacher=teacher, log=ctx.log, on_eval=on_eval
     )["history"]
@@ -153,29 +146,6 @@ def train(ctx, method) -> dict:
         "train_final_loss": history[-1]["train/loss"],
         "train_step_s": float(np.mean([h["train/step_s"] for h in history])),
     }
-
-
-def intermediate_eval(ctx):
-    """(step) -> the eval set's main metric of the student now, logged as eval/<metric> at that step
-    and handed to the search's reporter, which may stop the run (Pruned)."""
-    from harness.evaluate import registry as evaluators
-    from harness.report import METRICS
-    from harness.runner import dataset
-
-    ev = evaluators.get(ctx.cfg["data"]["eval"]["kind"])
-    key = next(m.key for m in ev.metrics if m.key.replace("&", "_") == METRICS[ev.main][0])
-    eval_data = dataset(ctx.cfg, "eval", ctx.results_dir)
-
-    def evaluate(step: int) -> float:
-        _, summary = ev.evaluate(ctx.student, eval_data, ctx.decisions, save_dir=None, late={})
-        value = float(summary[key])
-        ctx.log({f"eval/{key.replace('&', '_')}": value}, step)
-        report = reporter.get()
-        if report is not None:
-            report(value, step)
-        return value
-
-    return evaluate
 
 
 def train_data(cfg: dict, dataset_for) -> ClipDataset:

@@ -10,8 +10,9 @@ from harness import models
 from harness.config import load_suite
 from harness.errors import CheckpointError
 from harness.evaluate import vos
+from harness.evaluate.registry import dataset
 from harness.pretrain import VAL_SUITE
-from harness.runner import dataset, prepare
+from harness.runner import prepare
 
 CARD = json.loads((models.EMBEDDED / "sam2_small.json").read_text())
 

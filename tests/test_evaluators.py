@@ -139,5 +139,5 @@ def test_coco_detector_prompts_come_from_the_data_section(tmp_path):
         ],
     )
     assert cfg["data"]["eval"]["score_threshold"] == 0.5 and "detections" not in cfg["data"]["calib"]
-    ds = runner.dataset(cfg, "eval", tmp_path)
+    ds = registry.dataset(cfg, "eval", tmp_path)
     assert [b.score for b in ds.detections] == [0.9] * len(ds.detections) and len(ds.detections) == (len(gt) + 1) // 2

@@ -79,7 +79,7 @@ def test_long_phases_are_long_enough_to_be_caught(suite_file, tmp_path):
 @pytest.mark.parametrize("phase", ["calibrate", "train", "evaluate"])
 def test_ctrl_c_in_a_phase_records_the_run_killed_in_one_line(phase, suite_file, tmp_path):
     results = tmp_path / "r"
-    steps = {"calibrate": [], "train": ["train.steps=40"], "evaluate": ["train.steps=2"]}[phase]
+    steps = {"calibrate": [], "train": ["train.steps=12"], "evaluate": ["train.steps=2"]}[phase]
     proc = start(suite_file, results, *steps)
     wait_for_phase(proc, results, phase)
     if phase == "train":
@@ -124,14 +124,14 @@ def test_a_second_ctrl_c_stops_at_once(suite_file, tmp_path):
 
 def test_a_run_killed_by_a_signal_is_shown_and_closed_as_killed_with_where_it_was(suite_file, tmp_path):
     results = tmp_path / "r"
-    proc = start(suite_file, results, "train.steps=40")
+    proc = start(suite_file, results, "train.steps=12")
     wait_for_phase(proc, results, "train")
     time.sleep(3)  # some logged steps
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert the_run(results).info.status == "RUNNING"
     dry = subprocess.run(
-        [sys.executable, "-m", "harness", "suite", str(suite_file), "train.steps=40", "--dry-run"]
+        [sys.executable, "-m", "harness", "suite", str(suite_file), "train.steps=12", "--dry-run"]
         + ["--results", str(results)],
         capture_output=True,
         text=True,
@@ -139,7 +139,7 @@ def test_a_run_killed_by_a_signal_is_shown_and_closed_as_killed_with_where_it_wa
     )
     assert dry.returncode == 0 and dry.stdout.splitlines()[1].split()[1] == "KILLED", dry.stdout
     assert the_run(results).info.status == "RUNNING"  # the dry run writes nothing
-    again = start(suite_file, results, "train.steps=40")
+    again = start(suite_file, results, "train.steps=12")
     _, err = again.communicate(timeout=600)
     assert again.returncode == 0, err[-3000:]
     client = MlflowClient(f"sqlite:///{results / 'mlflow.db'}")
@@ -148,4 +148,4 @@ def test_a_run_killed_by_a_signal_is_shown_and_closed_as_killed_with_where_it_wa
     assert [r.info.status for r in runs] == ["KILLED", "FINISHED"]
     reason = runs[0].data.tags["failure_reason"]
     assert reason.startswith("process died in phase train after logged train step "), reason
-    assert "of 40 before the run ended" in reason and "out-of-memory killer" in reason and "GiB" in reason
+    assert "of 12 before the run ended" in reason and "out-of-memory killer" in reason and "GiB" in reason

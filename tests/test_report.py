@@ -10,7 +10,7 @@ from PIL import Image
 
 from harness.config import load_suite
 from harness.errors import ConfigError
-from harness.report import report, report_suite
+from harness.report import report
 
 # fp and rtn at W8/W4 over two seeds (but rtn W8 once: a cell with n=1, and one run less to wait for),
 # on about the smallest data the pipeline accepts (one calibration frame leaves the memory attention
@@ -117,7 +117,7 @@ def test_report_shows_only_the_current_expansion(recorded, tmp_path):
     path, results, _ = recorded
     # Narrowed to 8 bits: the W4 records stay in the database but not in the report, and the new
     # rtn W8 seed-1 run, never recorded, is simply missing.
-    paths = report_suite(str(path), ["quant.weight_bits=8"], copy_db(results, tmp_path))
+    paths = report(load_suite(str(path), ["quant.weight_bits=8"]), copy_db(results, tmp_path))
     table = pd.read_csv(paths["table.csv"])
     assert list(table["quant.weight_bits"]) == [8, 8] and list(table["n"]) == [2, 1]
 

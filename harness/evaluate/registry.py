@@ -20,15 +20,22 @@ from harness.errors import ConfigError
 @dataclass(frozen=True)
 class Metric:
     key: str  # in the evaluator's summary dict (MLflow's name: '&' becomes '_')
-    column: str  # the summary table's column
-    percent: bool = True
+    alias: str  # what a suite's report and a search objective call it
+    column: str | None = None  # the summary table's column; None: recorded, not in the table
+    label: str | None = None  # axis label, without the unit; default: the column
+    percent: bool = True  # a fraction, printed x100
+    lower_is_better: bool = False
+
+    @property
+    def logged(self) -> str:
+        return self.key.replace("&", "_")
 
 
 @dataclass(frozen=True)
 class Evaluator:
     kind: str
-    metrics: tuple[Metric, ...]
-    main: str  # the report's default metric (an alias of harness.report.METRICS)
+    metrics: tuple[Metric, ...]  # what `evaluate` records (harness.evaluate.catalog names them all)
+    main: str  # the alias of the report's default metric
     rate: str  # what `fps` counts: "frames/s" or "images/s"
     root: Callable  # (cfg, data section, results_dir) -> its folder (where a generated one goes)
     load: Callable  # (cfg, name, data section, results_dir) -> dataset, generated first if it has no root
@@ -36,6 +43,11 @@ class Evaluator:
     calibrate: Callable  # (model, dataset, n) -> items run through the model
     evaluate: Callable  # (model, dataset, decisions, save_dir, late) -> (per-item DataFrame, summary)
     count: Callable  # (dataset) -> items `calibrate` can run at most
+
+    @property
+    def columns(self) -> tuple[Metric, ...]:
+        """The metrics of the suite's summary table."""
+        return tuple(m for m in self.metrics if m.column)
 
 
 EVALUATORS: dict[str, Evaluator] = {}
@@ -50,6 +62,14 @@ def get(kind: str) -> Evaluator:
     if kind not in EVALUATORS:
         raise ConfigError(f"data kind {kind!r} has no evaluator; expected one of {', '.join(sorted(EVALUATORS))}")
     return EVALUATORS[kind]
+
+
+def dataset(cfg: dict, part: str | dict, results_dir: Path):
+    """The dataset of `cfg["data"][part]`, or of a data section given as a dict (train.data), opened
+    (and generated, where it has no root) by the evaluator of its kind."""
+    d = cfg["data"][part] if isinstance(part, str) else part
+    name = f"data.{part}" if isinstance(part, str) else "train.data"
+    return get(d["kind"]).load(cfg, name, d, Path(results_dir))
 
 
 def generated(root: Path, make: Callable[[Path], object]) -> Path:
@@ -121,7 +141,15 @@ def _vos_count(ds):
     return sum(len(ds.frame_names(s)) for s in ds.sequences)
 
 
-JF = (Metric("J&F-mean", "J&F"), Metric("J-mean", "J"), Metric("F-mean", "F"))
+JF = (
+    Metric("J&F-mean", "jf", "J&F"),
+    Metric("J-mean", "j", "J"),
+    Metric("F-mean", "f", "F"),
+    Metric("J-recall", "j_recall"),
+    Metric("F-recall", "f_recall"),
+    Metric("J-decay", "j_decay", lower_is_better=True),
+    Metric("F-decay", "f_decay", lower_is_better=True),
+)
 for _kind in ("synthetic", "davis"):
     register(
         Evaluator(
@@ -185,13 +213,13 @@ def _coco_calibrate(model, ds, n):
 
 
 COCO = (
-    Metric("mIoU", "mIoU"),
-    Metric("AP", "AP"),
-    Metric("AP50", "AP50"),
-    Metric("AP75", "AP75"),
-    Metric("APs", "APs"),
-    Metric("APm", "APm"),
-    Metric("APl", "APl"),
+    Metric("mIoU", "miou", "mIoU"),
+    Metric("AP", "ap", "AP", "mask AP"),
+    Metric("AP50", "ap50", "AP50", "mask AP50"),
+    Metric("AP75", "ap75", "AP75", "mask AP75"),
+    Metric("APs", "aps", "APs"),
+    Metric("APm", "apm", "APm"),
+    Metric("APl", "apl", "APl"),
 )
 # CocoDataset checks its JSON and that every image file is there when it opens
 register(
