@@ -68,7 +68,7 @@ class Claims:
         self.stale_after = stale_after
 
     @contextlib.contextmanager
-    def _locked(self):
+    def locked(self):
         with open(self.folder / ".lock", "a+") as f:
             fcntl.flock(f, fcntl.LOCK_EX)
             yield
@@ -84,7 +84,7 @@ class Claims:
 
     def claim(self, key: str, finished) -> str:
         """'claimed', 'finished' or 'busy'; `finished()` is checked under the lock."""
-        with self._locked():
+        with self.locked():
             if finished():
                 return "finished"
             if self.owner(key) is not None:
@@ -98,7 +98,7 @@ class Claims:
     def release(self, key: str) -> None:
         """Remove the claim if it is still ours (another process may have taken over a stale one)."""
         path = self.folder / f"{key}.json"
-        with self._locked():
+        with self.locked():
             try:
                 owner = json.loads(path.read_text())
             except (FileNotFoundError, json.JSONDecodeError):

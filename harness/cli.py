@@ -239,10 +239,10 @@ def _export(args) -> int:
 def _report(args) -> int:
     """The runs' report; for a suite file with a `search:` section, the search's report, and the
     runs' report too where the file also declares a matrix."""
-    from harness.config import _read, find_suite, load_suite
+    from harness.config import find_suite, load_suite, read_suite_file
     from harness.report import report
 
-    raw, written = _read(find_suite(args.suite)), {}
+    raw, written = read_suite_file(find_suite(args.suite)), {}
     if raw.search is not None:
         from harness.search import Search
         from harness.search_report import report_search

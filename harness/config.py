@@ -163,7 +163,8 @@ def canonical(cfg: dict, where: str) -> dict:
     return out
 
 
-def _read(path: Path) -> SuiteFile:
+def read_suite_file(path: Path) -> SuiteFile:
+    """A suite file as written (env variables resolved), before its runs are expanded."""
     try:
         raw = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
     except OmegaConfBaseException as e:
@@ -185,7 +186,7 @@ def base_config(suite: str | None = None, overrides: list[str] | None = None) ->
     cfg, where = copy.deepcopy(DEFAULTS), "command-line override"
     if suite is not None:
         path = find_suite(suite)
-        cfg = merge(cfg, _read(path).base)
+        cfg = merge(cfg, read_suite_file(path).base)
         where = f"{path}: base or override"
     for key, value in map(parse_override, overrides or []):
         set_dotted(cfg, key, value, "command-line override")
@@ -194,7 +195,7 @@ def base_config(suite: str | None = None, overrides: list[str] | None = None) ->
 
 def load_suite(name: str, overrides: list[str] | None = None) -> Suite:
     path = find_suite(name)
-    suite = _read(path)
+    suite = read_suite_file(path)
     base = merge(DEFAULTS, suite.base)
     canonical(base, f"{path}: base")
     matrix = dict(suite.matrix)
@@ -206,7 +207,7 @@ def load_suite(name: str, overrides: list[str] | None = None) -> Suite:
     parsed = [parse_override(o) for o in overrides or []]
     combos = [dict(zip(matrix, combo)) for combo in itertools.product(*matrix.values())]
     for key in {k for pattern in suite.exclude for k in pattern}:
-        if not _known_key(key):
+        if not known_key(key):
             raise ConfigError(f"{path}: exclude: unknown key {key!r}")
     combos = [c for c in combos if not any(_matches_flat(c, base, p) for p in suite.exclude)]
     combos += [dict(extra) for extra in suite.include]
@@ -228,8 +229,9 @@ def load_suite(name: str, overrides: list[str] | None = None) -> Suite:
     return Suite(suite.name or path.stem, path, runs, suite.report.model_dump(), suite.executor.model_dump())
 
 
-def _known_key(key: str) -> bool:
-    if key.startswith("method."):  # method parameters are the methods' to check
+def known_key(key: str) -> bool:
+    """Whether a dotted key names a run-config field (method parameters are the methods' to check)."""
+    if key.startswith("method."):
         return True
     node = DEFAULTS
     for part in key.split("."):

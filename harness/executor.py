@@ -131,11 +131,9 @@ def workers(
 
 def _failed_since(suite: Suite, tracker, start: float) -> list[tuple[str, str]]:
     """(name, reason) of the runs not FINISHED whose latest record since `start` is FAILED."""
-    from harness.runner import latest_record
-
     failed = []
     for spec in suite.runs:
-        if tracker.finished(spec.run_key) is None and (run := latest_record(tracker, spec.run_key, start)):
+        if tracker.finished(spec.run_key) is None and (run := tracker.latest(spec.run_key, start)):
             if run.info.status == "FAILED":
                 failed.append((spec.name, run.data.tags.get("failure_reason", "no reason recorded")))
     return failed
@@ -171,9 +169,9 @@ def job_overrides(suite: Suite, overrides: list[str], cfg: ExecutorCfg) -> list[
     """The overrides the jobs load the suite with: the device of a job is the one its resources give
     (cuda with gpus > 0), not the submitter's (a login node without GPUs), so that the submitter and
     the jobs compute the same run_keys. A device set on the command line or in the suite file stays."""
-    from harness.config import _read
+    from harness.config import read_suite_file
 
-    raw = _read(suite.path)
+    raw = read_suite_file(suite.path)
     explicit = (
         any(o.startswith("device=") for o in overrides)
         or "device" in raw.base
@@ -295,7 +293,7 @@ def _close_dead_job(key: str, submitted: float, tracker, claims: Claims) -> None
     """Release the claim of a job that ended inside its run, and close its record as KILLED, as the
     next local invocation would; a claim from another host would otherwise hold the run for a day."""
     path = claims.folder / f"{key}.json"
-    with claims._locked():  # no process claims the run between the check and the record's closing
+    with claims.locked():  # no process claims the run between the check and the record's closing
         owner = claims.owner(key)  # None: no claim, or a stale one (its process, on this host, is gone)
         if owner is not None and (
             owner.get("time", 0) < submitted or owner.get("host") == socket.gethostname() and pid_alive(owner["pid"])

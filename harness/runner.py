@@ -24,7 +24,7 @@ from harness import estimate, memory, models
 from harness.claims import Claims, clean_scratch, scratch_suffix
 from harness.config import RunSpec, Suite
 from harness.data import synthetic
-from harness.errors import CheckpointError, ConfigError, QBenchError
+from harness.errors import CheckpointError, ConfigError, NonFiniteError, QBenchError
 from harness.evaluate import catalog
 from harness.evaluate import registry as evaluators
 from harness.progress import progress
@@ -195,10 +195,6 @@ def run_one(spec, results_dir: Path, suite: str = "default") -> dict:
     return metrics
 
 
-class NonFiniteError(RuntimeError):
-    """A metric or loss is NaN or infinite: the run is recorded as FAILED."""
-
-
 def check_finite(values: dict) -> None:
     bad = {k: v for k, v in values.items() if not math.isfinite(v)}
     if bad:
@@ -219,7 +215,7 @@ def status(suite: Suite, results_dir: str | Path = "results") -> list[tuple[RunS
         elif claims.owner(spec.run_key):
             out.append((spec, "RUNNING"))
         else:
-            last = latest_record(tracker, spec.run_key, 0) if tracker.experiment_id is not None else None
+            last = tracker.latest(spec.run_key)
             state = last.info.status if last is not None else "pending"
             out.append((spec, {"RUNNING": "KILLED", "SCHEDULED": "pending"}.get(state, state)))
     return out
@@ -331,7 +327,7 @@ def run_claimed(
     def done() -> bool:  # checked under the claims' lock
         if tracker.finished(spec.run_key) is not None:
             return True
-        return attempted_since is not None and latest_record(tracker, spec.run_key, attempted_since) is not None
+        return attempted_since is not None and tracker.latest(spec.run_key, attempted_since) is not None
 
     claim = claims.claim(spec.run_key, done)
     if claim == "finished" and tracker.finished(spec.run_key) is None:
@@ -351,17 +347,6 @@ def run_claimed(
     finally:
         claims.release(spec.run_key)
     return "done", None
-
-
-def latest_record(tracker: Tracker, key: str, since: float):
-    """The latest record of this run_key started at or after `since` (a time.time()), or None."""
-    runs = tracker.client.search_runs(
-        [tracker.experiment_id],
-        filter_string=f"tags.run_key = '{key}' and attributes.start_time >= {int(since * 1000)}",
-        order_by=["attributes.start_time DESC"],
-        max_results=1,
-    )
-    return runs[0] if runs else None
 
 
 _DONE = "suite done"

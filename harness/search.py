@@ -34,12 +34,12 @@ from harness.claims import Claims, clean_scratch, pid_alive
 from harness.config import (
     DEFAULTS,
     RunSpec,
-    _known_key,
-    _read,
     canonical,
     find_suite,
+    known_key,
     merge,
     parse_override,
+    read_suite_file,
     run_key,
     set_dotted,
 )
@@ -104,7 +104,7 @@ class Search:
 
     def __init__(self, name: str, overrides: list[str] | None = None, results_dir: str | Path = "results"):
         self.path = find_suite(name)
-        suite = _read(self.path)
+        suite = read_suite_file(self.path)
         if suite.search is None:
             raise ConfigError(f"{self.path}: no `search:` section (see README, Searches)")
         self.cfg = validate(SearchCfg, suite.search, str(self.path), prefix="search.")
@@ -119,10 +119,10 @@ class Search:
     def _check(self) -> None:
         where, c = f"{self.path}: search", self.cfg
         for key, p in c.space.items():
-            if not _known_key(key):
+            if not known_key(key):
                 raise ConfigError(f"{where}.space: unknown run-config key {key!r}")
             for cond in p.when:
-                if not _known_key(cond):
+                if not known_key(cond):
                     raise ConfigError(f"{where}.space.{key}.when: unknown run-config key {cond!r}")
         if not 1 <= len(c.objective) <= 2:
             raise ConfigError(f"{where}.objective: {c.objective!r}; expected one metric or two (e.g. [jf, size])")

@@ -91,9 +91,9 @@ def summary(search: Search, study: optuna.Study | None = None) -> str:
 
 def best_suite(search: Search, trial: optuna.trial.FrozenTrial) -> dict:
     """A suite file that runs the best trial's config (the suite's base, the overrides, the trial's values)."""
-    from harness.config import _read
+    from harness.config import read_suite_file
 
-    base = copy.deepcopy(_read(search.path).base)
+    base = copy.deepcopy(read_suite_file(search.path).base)
     for key, value in search.overrides_and(trial.params):
         node = base
         *parents, last = key.split(".")

@@ -147,17 +147,23 @@ class Tracker:
             else:
                 self.experiment_id = exp.experiment_id
 
-    def finished(self, key: str):
-        """The latest FINISHED child run with this run_key, or None."""
+    def latest(self, key: str, since: float = 0, status: str | None = None):
+        """The latest record of this run_key started at or after `since` (a time.time()), of this
+        status where one is given, or None."""
         if self.experiment_id is None:
             return None
+        where = f"tags.run_key = '{key}' and attributes.start_time >= {int(since * 1000)}"
         runs = self.client.search_runs(
             [self.experiment_id],
-            filter_string=f"tags.run_key = '{key}' and attributes.status = 'FINISHED'",
+            filter_string=where + (f" and attributes.status = '{status}'" if status else ""),
             order_by=["attributes.start_time DESC"],
             max_results=1,
         )
         return runs[0] if runs else None
+
+    def finished(self, key: str):
+        """The latest FINISHED record of this run_key, or None."""
+        return self.latest(key, status="FINISHED")
 
     def mark_killed(self, key: str) -> None:
         """Close as KILLED the RUNNING records of a run whose process died (its claim was stale),

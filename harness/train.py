@@ -101,7 +101,7 @@ def _keep_numpy_python_rng():
     random.setstate(state[1])
 
 
-def _autocast(amp: str, device: torch.device):
+def autocast(amp: str, device: torch.device):
     if amp == "bf16" or (amp == "auto" and device.type == "cuda"):
         return torch.autocast(device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
@@ -191,7 +191,7 @@ def _micro_loss(net, view, inputs, criterion, objectives, teacher_view, weight, 
     if teacher_view is not None:
         before = _rng_state(view)
     feats, hook = _encoder_features(view)
-    with _autocast(amp, device):
+    with autocast(amp, device):
         outputs = net(inputs)
         hook.remove()
         losses = criterion(outputs, inputs.masks)
@@ -245,7 +245,7 @@ def _accumulate(net, view, model, parts, criterion, objectives, teacher_view, me
             weight, share = weights[i], clips[i] / sum(clips)
             terms, loss = _micro_loss(net, view, inputs, criterion, objectives, teacher_view, weight, share, amp)
             if i == 0 and method is not None:
-                with _autocast(amp, device):
+                with autocast(amp, device):
                     for name, value in method.loss_terms(model).items():
                         loss, terms[name] = loss + value, value
             terms["loss"] = loss

@@ -68,7 +68,7 @@ def test_env_interpolation(tmp_path, monkeypatch):
         ("base:\n  quant: {act_bits: eight}\n", r"quant.act_bits: input should be a valid integer.*\(got 'eight'\)"),
         (
             "base:\n  data: {eval: {kind: kitti}}\n",
-            r"data.eval.kind: input should be 'synthetic', 'davis', 'coco' or 'sav' \(got 'kitti'\)",
+            r"data.eval.kind: value error, input should be 'synthetic', 'davis', 'coco' or 'sav' \(got 'kitti'\)",
         ),
         ("base:\n  train: {lr: -1}\n", r"train.lr: input should be greater than 0"),
         (

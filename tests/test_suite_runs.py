@@ -13,7 +13,8 @@ from mlflow.tracking import MlflowClient
 
 from harness import models
 from harness.data import synthetic
-from harness.runner import NonFiniteError, check_finite
+from harness.errors import NonFiniteError
+from harness.runner import check_finite
 
 SUITE = """
 name: tiny

@@ -23,7 +23,6 @@ from __future__ import annotations
 import contextlib
 import io
 import json
-import time
 from collections import defaultdict
 from pathlib import Path
 
@@ -36,7 +35,8 @@ from pycocotools.cocoeval import COCOeval
 
 from harness.data.coco import Box, CocoDataset, as_bytes, encode, read_segmentations
 from harness.errors import DatasetError
-from harness.evaluate.vos import _autocast
+from harness.evaluate.timing import Clock
+from harness.evaluate.vos import autocast
 from harness.models import image_predictor
 from harness.progress import progress as progress_bar
 from harness.quant.fastpath import reset_eval_caches
@@ -51,7 +51,7 @@ def predict_image(predictor, image: np.ndarray, boxes: list[Box]) -> list[dict]:
     """One result dict per box (see the module docstring for the score); `image` is H x W x 3 RGB."""
     height, width = image.shape[:2]
     xyxy = np.array([[x, y, x + w, y + h] for x, y, w, h in (b.bbox for b in boxes)], dtype=np.float32)
-    with _autocast(predictor.model.device):
+    with autocast(predictor.model.device):
         predictor.set_image(image)
         logits, ious, _ = predictor.predict(box=xyxy, multimask_output=False, return_logits=True)
     # sam2 squeezes the batch axis away when there is one box: restore N x H x W.
@@ -81,23 +81,19 @@ def _prompts(dataset: CocoDataset, detections: list[Box] | None, max_images: int
 
 
 def _run(model, dataset, detections, max_images, progress: bool):
-    """(results, image ids evaluated, images run, seconds, warm-up seconds)."""
+    """(results, image ids evaluated, the Clock of the images run)."""
     predictor = image_predictor(model)
     prompts = _prompts(dataset, detections, max_images)
     todo = [i for i, boxes in prompts.items() if boxes]  # an image without boxes gives no masks
-    warmup = 0.0
+    clock, results = Clock(), []
     if todo:
-        # One untimed image first: the first forward of a process pays for lazy initialisation.
-        start = time.perf_counter()
-        predict_image(predictor, dataset.image(todo[0]), prompts[todo[0]][:1])
-        warmup = time.perf_counter() - start
-    results, seconds = [], 0.0
+        with clock.warm():
+            predict_image(predictor, dataset.image(todo[0]), prompts[todo[0]][:1])
     for image_id in progress_bar(todo, desc="evaluate", unit="image", leave=False, enabled=progress):
         image = dataset.image(image_id)  # reading the JPEG is not timed: images/s is the model's
-        start = time.perf_counter()
-        results += predict_image(predictor, image, prompts[image_id])
-        seconds += time.perf_counter() - start
-    return results, list(prompts), len(todo), seconds, warmup
+        with clock.timed(1):
+            results += predict_image(predictor, image, prompts[image_id])
+    return results, list(prompts), clock
 
 
 def predict(
@@ -218,11 +214,11 @@ def evaluate(
     """
     check_all_active(model, list(decisions))
     reset_eval_caches(model)
-    results, image_ids, images, seconds, warmup = _run(model, dataset, detections, max_images, progress)
+    results, image_ids, clock = _run(model, dataset, detections, max_images, progress)
     if save is not None:
         save_results(results, save)
     per_instance, summary = score(dataset, results, image_ids)
-    summary.update(images=images, fps=images / seconds if seconds else float("nan"), time_warmup_s=warmup)
+    summary.update(images=clock.items, **clock.summary())
     return per_instance, summary
 
 

@@ -30,7 +30,6 @@ Scoring follows sav_dataset/utils/sav_benchmark.py (VideoEvaluator, Evaluator, b
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
@@ -42,7 +41,8 @@ from harness.data.davis import write_palette_png
 from harness.data.sav import ANNOTATIONS, SavDataset, read_binary_png
 from harness.errors import DatasetError
 from harness.evaluate import metrics
-from harness.evaluate.vos import _autocast  # also silences sam2's own progress bars
+from harness.evaluate.timing import Clock
+from harness.evaluate.vos import autocast  # also silences sam2's own progress bars
 from harness.progress import progress as progress_bar
 from harness.quant.fastpath import reset_eval_caches
 from harness.quant.state import check_all_active
@@ -158,7 +158,7 @@ def predict_video(model, dataset: SavDataset, video: str, max_frames: int | None
     overlap = getattr(model, "non_overlap_masks", False)
     model.non_overlap_masks = False
     try:
-        with _autocast(model.device):
+        with autocast(model.device):
             state = model.init_state(str(dataset.image_dir(video)))
             for obj_id, obj in objects.items():
                 prompt = torch.from_numpy(dataset.mask(video, obj, names[first]))
@@ -195,18 +195,15 @@ def evaluate(model, dataset: SavDataset, decisions=(), save_dir=None, progress: 
     check_all_active(model, list(decisions))
     reset_eval_caches(model)
     total = sum(b - a + 1 for a, b in (tracked_range(dataset, v) for v in dataset.videos))
-    start = time.perf_counter()
-    predict_video(model, dataset, dataset.videos[0], max_frames=1)
-    warmup = time.perf_counter() - start
-    preds, seconds = {}, 0.0
+    clock, preds = Clock(), {}
+    with clock.warm():
+        predict_video(model, dataset, dataset.videos[0], max_frames=1)
     with progress_bar(total=total, desc="evaluate SA-V", unit="frame", leave=False, enabled=progress) as bar:
         for video in dataset.videos:
-            start = time.perf_counter()
-            preds[video] = predict_video(model, dataset, video, bar=bar)
-            seconds += time.perf_counter() - start
+            first, last = tracked_range(dataset, video)
+            with clock.timed(last - first + 1):
+                preds[video] = predict_video(model, dataset, video, bar=bar)
             if save_dir is not None:
                 write_predictions(save_dir, video, preds[video])
     per_object, summary = _score(dataset, lambda v, o, t: preds[v][o][t], report)
-    summary["fps"] = total / seconds if seconds else float("nan")
-    summary["time_warmup_s"] = warmup
-    return per_object, summary
+    return per_object, {**summary, **clock.summary()}

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import time
 
 import numpy as np
 import sam2.sam2_video_predictor
@@ -18,6 +17,7 @@ from tqdm.auto import tqdm
 
 from harness.data.davis import DavisDataset, write_palette_png
 from harness.evaluate import metrics
+from harness.evaluate.timing import Clock
 from harness.progress import progress as progress_bar
 from harness.quant.fastpath import reset_eval_caches
 from harness.quant.state import check_all_active
@@ -28,7 +28,7 @@ for _mod in (sam2.sam2_video_predictor, sam2.utils.misc):
     _mod.tqdm = functools.partial(tqdm, disable=True)
 
 
-def _autocast(device: torch.device):
+def autocast(device: torch.device):
     # bf16 autocast only on CUDA, as SAM2's own tools do; CPU runs stay in fp32.
     if device.type == "cuda":
         return torch.autocast("cuda", dtype=torch.bfloat16)
@@ -40,7 +40,7 @@ def predict_sequence(model, dataset: DavisDataset, seq: str, max_frames: int | N
     """Predicted id map (T x H x W uint8) for one sequence, prompted with frame 0's ground truth."""
     first = dataset.annotation(seq, dataset.frame_names(seq)[0])
     ids = dataset.object_ids(seq)
-    with _autocast(model.device):
+    with autocast(model.device):
         state = model.init_state(str(dataset.image_dir(seq)))
         n = state["num_frames"] if max_frames is None else min(max_frames, state["num_frames"])
         pred = np.zeros((n, *first.shape), dtype=np.uint8)
@@ -81,17 +81,13 @@ def evaluate(model, dataset: DavisDataset, decisions=(), save_dir=None, progress
     check_all_active(model, list(decisions))
     reset_eval_caches(model)
     total = sum(len(dataset.frame_names(s)) for s in dataset.sequences)
-    # One untimed warm-up frame: the first forward of a fresh process (lazy initialisation, kernel
-    # selection, allocator growth) would otherwise count against the frames/s of its first run.
-    start = time.perf_counter()
-    predict_sequence(model, dataset, dataset.sequences[0], max_frames=1)
-    warmup = time.perf_counter() - start
-    scores, seconds = {}, 0.0
+    clock, scores = Clock(), {}
+    with clock.warm():
+        predict_sequence(model, dataset, dataset.sequences[0], max_frames=1)
     with progress_bar(total=total, desc="evaluate", unit="frame", leave=False, enabled=progress) as bar:
         for seq in dataset.sequences:
-            start = time.perf_counter()
-            pred = predict_sequence(model, dataset, seq, bar=bar)
-            seconds += time.perf_counter() - start
+            with clock.timed(len(dataset.frame_names(seq))):
+                pred = predict_sequence(model, dataset, seq, bar=bar)
             gt = dataset.annotations(seq)
             scores[seq] = metrics.score_sequence(gt, pred, dataset.object_ids(seq))
             if ids := metrics.late_objects(gt):
@@ -102,7 +98,4 @@ def evaluate(model, dataset: DavisDataset, decisions=(), save_dir=None, progress
                 for name, ids in zip(dataset.frame_names(seq), pred, strict=True):
                     write_palette_png(f"{save_dir}/{seq}/{name}.png", ids)
     per_object = metrics.per_object_frame(scores)
-    summary = metrics.summarize(per_object)
-    summary["fps"] = total / seconds if seconds else float("nan")
-    summary["time_warmup_s"] = warmup
-    return per_object, summary
+    return per_object, {**metrics.summarize(per_object), **clock.summary()}
