@@ -18,6 +18,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 from mlflow.tracking import MlflowClient  # noqa: E402
 
+import methods  # noqa: E402
 from harness.config import Suite  # noqa: E402
 from harness.errors import ConfigError
 from harness.evaluate import catalog  # noqa: E402
@@ -116,20 +117,10 @@ def load_runs(suite: Suite, results_dir) -> tuple[pd.DataFrame, list[str]]:
     if {"quant.weight_bits", "quant.act_bits"} <= set(params):
         df["quant.wa"] = [f"W{w}A{a}" for w, a in zip(df["quant.weight_bits"], df["quant.act_bits"])]
         params.append("quant.wa")
-    if "method.vrc.enabled" in params or "method.lsc.weights" in params:
-        df["method.parts"] = [_parts(r) for r in df.to_dict("records")]
+    if set(DERIVED["method.parts"][1:]) & set(params):
+        df["method.parts"] = [methods.label(r) for r in df.to_dict("records")]
         params.append("method.parts")
     return df, params
-
-
-def _parts(run: dict) -> str:
-    """A method with the Q-SAM2 parts it uses: "rtn + VRC", "qsam2 (VRC+LSC)", "qsam2 (min-max QAT)"."""
-    vrc = str(run.get("method.vrc.enabled")) == "True"  # absent (NaN) where VRC is off
-    if run["method.name"] != "qsam2":
-        return run["method.name"] + (" + VRC" if vrc else "")
-    lsc = [p for p, key in (("W", "method.lsc.weights"), ("A", "method.lsc.acts")) if str(run.get(key)) == "True"]
-    parts = (["VRC"] if vrc else []) + (["LSC"] if len(lsc) == 2 else [f"LSC-{p}" for p in lsc])
-    return f"qsam2 ({'+'.join(parts) or 'min-max QAT'})"
 
 
 def _check_param(key, params: list[str], df: pd.DataFrame, where: str) -> None:
@@ -141,7 +132,11 @@ def _check_param(key, params: list[str], df: pd.DataFrame, where: str) -> None:
 # Keys made of others (load_runs adds them): a table or figure that uses one does not split by its parts.
 DERIVED = {
     "quant.wa": ("quant.weight_bits", "quant.act_bits"),
-    "method.parts": ("method.name", "method.vrc.enabled", "method.lsc.weights", "method.lsc.acts"),
+    # A method's row label (methods.base.Method.label) and the parameters it reads.
+    "method.parts": (
+        "method.name",
+        *dict.fromkeys(f"method.{k}" for m in methods.REGISTRY.values() for k in m.label_keys),
+    ),
 }
 
 

@@ -76,6 +76,13 @@ def get(name: str, **params) -> Method:
     return REGISTRY[name](**params)
 
 
+def label(run: dict) -> str:
+    """The row label of a run (its recorded params, `method.name` among them) by its method's `label`."""
+    name = run["method.name"]
+    params = {k.removeprefix("method."): v for k, v in run.items() if k.startswith("method.") and v == v}  # NaN: absent
+    return REGISTRY[name].label(params) if name in REGISTRY else name
+
+
 def from_config(cfg: dict) -> Method:
     """The method of a run config's `method` section ({name, parameters...})."""
     params = dict(cfg)
@@ -97,6 +104,13 @@ class Method:
     quantizes = True
     trains = False
     defaults: dict = {}
+    label_keys: tuple[str, ...] = ("vrc.enabled",)  # the recorded parameters `label` reads
+
+    @classmethod
+    def label(cls, params: dict) -> str:
+        """A report's row label from a run's recorded `method.*` parameters (dotted, as MLflow
+        holds them: strings; absent where the run has no such knob): "rtn + VRC"."""
+        return cls.name + (" + VRC" if str(params.get("vrc.enabled")) == "True" else "")
 
     def __init__(self, **params):
         unknown = sorted(set(params) - set(self.defaults))

@@ -64,6 +64,15 @@ class QSam2(Method):
 
     trains = True
     defaults = {"vrc": {"enabled": True}, "lsc": {}}
+    label_keys = ("vrc.enabled", "lsc.weights", "lsc.acts")
+
+    @classmethod
+    def label(cls, params: dict) -> str:
+        """The Q-SAM2 parts a run uses: "qsam2 (VRC+LSC)", "qsam2 (LSC-W)", "qsam2 (min-max QAT)"."""
+        vrc = ["VRC"] if str(params.get("vrc.enabled")) == "True" else []
+        lsc = [p for p, key in (("W", "lsc.weights"), ("A", "lsc.acts")) if str(params.get(key)) == "True"]
+        parts = vrc + (["LSC"] if len(lsc) == 2 else [f"LSC-{p}" for p in lsc])
+        return f"qsam2 ({'+'.join(parts) or 'min-max QAT'})"
 
     def __init__(self, **params):
         super().__init__(**params)

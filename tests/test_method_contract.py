@@ -24,6 +24,7 @@ from harness.quant import state
 from harness.quant.attention import ATTENTION_TYPES
 from harness.quant.policy import SWAPPABLE, QuantPolicy
 from harness.quant.swap import quant_layers
+from harness.tracking import flatten
 from methods.fp import FP
 from methods.rtn import RTN
 
@@ -78,6 +79,9 @@ def test_method_contract(name, calib_feed):
     for term, value in method.loss_terms(model).items():
         assert isinstance(value, torch.Tensor) and value.numel() == 1, term
         assert math.isfinite(float(value)), term
+    # The report's row label comes from the method, from its parameters as the record holds them.
+    recorded = flatten({"method": {"name": name, **method.params}})
+    assert methods.label(recorded).startswith(name)
 
 
 def test_default_param_groups_split_layer_parameters_from_quantizer_parameters():
@@ -142,7 +146,7 @@ class _TrainsFP(_Recorded, FP):
     pass
 
 
-def _fake_train(ctx, method):
+def _fake_train(ctx, method, on_eval=None):
     method.calls.append("train")
     student = dict(ctx.student.named_parameters())
     teacher = ctx.teacher

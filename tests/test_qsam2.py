@@ -14,7 +14,6 @@ from harness.errors import ConfigError
 from harness.quant import swap, vrc
 from harness.quant.lsc import LscActClip, LscWeightClip
 from harness.quant.policy import Decision
-from harness.report import _parts as report_parts
 
 
 def _linear(d_in=12, d_out=5, seed=0):
@@ -238,7 +237,7 @@ def test_lsc_mse_initialization_picks_the_clip_with_the_least_error():
         assert (err(c) <= err(c * f) + 1e-9).all()
 
 
-def test_report_names_the_parts_each_run_uses():
+def test_a_methods_label_names_the_parts_each_run_uses():
     nan = float("nan")  # MLflow params a run does not have
     on, off = {"method.lsc.weights": "True", "method.lsc.acts": "True"}, {"method.lsc.weights": "False"}
     cases = [
@@ -254,7 +253,7 @@ def test_report_names_the_parts_each_run_uses():
         ),
     ]
     for run, label in cases:
-        assert report_parts(run) == label
+        assert methods.label(run) == label
 
 
 def test_an_uncalibrated_lsc_activation_clip_quantizes_with_its_start_values():
