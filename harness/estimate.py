@@ -15,7 +15,7 @@ figures from a CPU only gets a memory estimate from them, marked so and never re
 ran fp32 where CUDA runs bf16 autocast (most saved activations half the size), and a CPU's step
 time says nothing of a GPU's. Any estimate is only as good as the benched step: the bench prompts
 with points (corrective clicks on the first frame); a step that also corrects a second frame
-holds more (README, "Real size").
+holds more (docs/real-size.md).
 """
 
 from __future__ import annotations

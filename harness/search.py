@@ -106,7 +106,7 @@ class Search:
         self.path = find_suite(name)
         suite = read_suite_file(self.path)
         if suite.search is None:
-            raise ConfigError(f"{self.path}: no `search:` section (see README, Searches)")
+            raise ConfigError(f"{self.path}: no `search:` section (see docs/searches.md)")
         self.cfg = validate(SearchCfg, suite.search, str(self.path), prefix="search.")
         self.name = suite.name or self.path.stem
         self.results_dir = Path(results_dir).resolve()
