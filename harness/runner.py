@@ -25,7 +25,6 @@ from harness.claims import Claims, clean_scratch, scratch_suffix
 from harness.config import RunSpec, Suite
 from harness.data import synthetic
 from harness.errors import CheckpointError, ConfigError, NonFiniteError, QBenchError
-from harness.evaluate import catalog
 from harness.evaluate import registry as evaluators
 from harness.progress import progress
 from harness.quant import export
@@ -45,13 +44,13 @@ def intermediate_eval(ctx):
     """(step) -> the eval set's main metric of the student now, logged as eval/<metric> at that step
     and handed to the search's reporter, which may stop the run (Pruned)."""
     ev = evaluators.get(ctx.cfg["data"]["eval"]["kind"])
-    key = catalog.find(ev.main, ev.kind).key
+    main = next(m for m in ev.metrics if m.alias == ev.main)
     eval_data = evaluators.dataset(ctx.cfg, "eval", ctx.results_dir)
 
     def evaluate(step: int) -> float:
         _, summary = ev.evaluate(ctx.student, eval_data, ctx.decisions, save_dir=None, late={})
-        value = float(summary[next(m.key for m in ev.metrics if m.logged == key)])
-        ctx.log({f"eval/{key}": value}, step)
+        value = float(summary[main.key])
+        ctx.log({f"eval/{main.logged}": value}, step)
         report = reporter.get()
         if report is not None:
             report(value, step)

@@ -60,11 +60,6 @@ def aliases(kind: str | None = None) -> dict[str, Info]:
     return {**out, **RUN, "fps": fps}
 
 
-def logged(kind: str | None = None) -> set[str]:
-    """The MLflow names a run of this data kind (or of any kind) records, per-step figures aside."""
-    return {i.key for i in aliases(kind).values()}
-
-
 def find(name: str, kind: str | None = None, where: str = "metric") -> Info:
     """An alias (jf, size) or a recorded name (J_F-mean, J-decay, time_train_s) as an Info."""
     named = aliases(kind)
