@@ -38,7 +38,7 @@ class _Lines:
         self.interval = float(os.environ.get("QBENCH_PROGRESS_INTERVAL", "30"))
         self.start = time.monotonic()
         self.last = self.start
-        log.info("%s: 0/%s %s", desc, self.total or "?", unit)
+        log.info("%s: %d/%s %s", desc, initial, self.total or "?", unit)
 
     def update(self, n: int = 1) -> None:
         check()

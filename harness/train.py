@@ -1,8 +1,10 @@
 """Training loop: QAT, fine-tuning and the embedded default's pretraining.
 
-`fit` reads top to bottom: config, model, optimizer, resume, loop, checkpoint. The forward and
-the loss are SAM2's own: `training.model.sam2.SAM2Train` (a view sharing the student's modules,
-see models.training_view) and `training.loss_fns.MultiStepMultiMasksAndIous` (focal 20, dice 1,
+`fit` reads top to bottom: config, views, optimizer, resume (`_resume`), then per step its
+micro-batches (`_step_parts`), their loss and backward (`_accumulate`), the optimizer step, the
+record (`_Records`) and the checkpoint (`_save`). The forward and the loss are SAM2's own:
+`training.model.sam2.SAM2Train` (a view sharing the student's modules, see
+models.training_view) and `training.loss_fns.MultiStepMultiMasksAndIous` (focal 20, dice 1,
 IoU 1, object score 1, as SAM2's training configs), fed with clips from harness/data/clips.py.
 A method adds parameter groups, loss terms and a per-step hook (methods.base.Method).
 
@@ -215,14 +217,14 @@ def _micro_loss(net, view, inputs, criterion, objectives, teacher_view, weight, 
     return terms, loss
 
 
-def _oom_reason(step: int, device, micro: int, share: int, frames: int) -> str:
-    peak = ""
+def _oom_reason(step: int, device, t: dict, share: int) -> str:
+    micro, peak = t.get("micro_batch") or share, ""
     if device.type == "cuda":
         peak = f", peak {torch.cuda.max_memory_allocated(device) / 2**30:.1f} GiB allocated"
         torch.cuda.empty_cache()
     return (
         f"train step {step}: out of memory on {device}{peak} with train.micro_batch {micro} "
-        f"({micro} of {share} clips x {frames} frames at once); a smaller train.micro_batch needs less"
+        f"({micro} of {share} clips x {t['frames']} frames at once); a smaller train.micro_batch needs less"
     )
 
 
@@ -259,6 +261,118 @@ def _accumulate(net, view, model, parts, criterion, objectives, teacher_view, me
     return values
 
 
+def _views(model, teacher, cfg: dict, world: int):
+    """(view, net, teacher_view): SAM2's training forward over the student's own modules (net: the
+    view under DDP where there are several ranks) and over the teacher's, when it distills."""
+    t = cfg["train"]
+    view = models.training_view(model, cfg["model"]["name"], cfg["model"]["image_size"], t["prompts"])
+    view.train()
+    net = DDP(view, find_unused_parameters=True) if world > 1 else view
+    teacher_view = None
+    if distills(t["objectives"]):
+        if teacher is None:
+            raise ValueError("train.objectives: distillation needs the FP teacher")
+        teacher_view = models.training_view(teacher, cfg["model"]["name"], cfg["model"]["image_size"], t["prompts"])
+        teacher_view.eval().requires_grad_(False)
+        teacher_view.training = True  # SAM2Train samples prompts as in training only when training
+    return view, net, teacher_view
+
+
+def _optimizer(model, method, t: dict):
+    """(groups, optimizer, schedule): AdamW, quantizer parameters with their own learning rate and
+    weight decay, warmup then cosine."""
+    groups = (
+        method.param_groups(model) if method is not None else [{"name": "model", "params": list(model.parameters())}]
+    )
+    for g in groups:
+        quant = g["name"] == "quant"
+        g.setdefault("lr", t["quant_lr"] if quant else t["lr"])
+        g.setdefault("weight_decay", t["quant_weight_decay"] if quant else t["weight_decay"])
+    groups = [g for g in groups if g["params"]]
+    optimizer = torch.optim.AdamW(groups)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: lr_factor(s, t["steps"], t["warmup_steps"], t["min_lr_ratio"])
+    )
+    return groups, optimizer, schedule
+
+
+def _resume(ckpt: Path | None, model, optimizer, schedule, view, rank: int, steps: int) -> tuple[int, list]:
+    """(first step to run, history so far) from `ckpt` when it exists, with every state put back."""
+    if ckpt is None or not ckpt.is_file():
+        return 0, []
+    state = torch.load(ckpt, map_location=next(model.parameters()).device, weights_only=False)
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    schedule.load_state_dict(state["scheduler"])
+    _set_rng_state(view, state["rng"][rank] if rank < len(state["rng"]) else state["rng"][0])
+    if rank == 0:
+        logging.getLogger("qbench").info("train: resuming from step %d of %d (%s)", state["step"], steps, ckpt)
+    return state["step"], state["history"]
+
+
+def _step_parts(data: ClipDataset, cfg: dict, step: int, rank: int, world: int, device) -> list:
+    """This rank's micro-batches of `step`. The data position is the step, so a resumed run sees
+    the clips an uninterrupted one would; an image step (train.image_fraction) takes 1-frame clips."""
+    t, batch = cfg["train"], cfg["train"]["batch_size"]
+    source = data
+    if t["image_fraction"] and np.random.default_rng([cfg["seed"], step]).random() < t["image_fraction"]:
+        source = copy.copy(data)
+        source.frames = 1
+    share = batch // world
+    clips = [source[step * batch + rank * share + i] for i in range(share)]
+    micro = t.get("micro_batch") or share
+    return [collate(clips[i : i + micro]).to(device) for i in range(0, share, micro)]
+
+
+def _save(ckpt: Path, model, optimizer, schedule, view, done: int, history: list, rank: int, world: int) -> None:
+    """Write `last.pt` (rank 0), with every rank's random state; a kill mid-write leaves the
+    previous checkpoint intact."""
+    rngs = [_rng_state(view)]
+    if world > 1:
+        rngs = [None] * world
+        dist.all_gather_object(rngs, _rng_state(view))
+    if rank != 0:
+        return
+    state = {
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "scheduler": schedule.state_dict(),
+        "step": done,
+        "rng": rngs,
+        "history": history,
+    }
+    ckpt.parent.mkdir(parents=True, exist_ok=True)
+    tmp = ckpt.with_suffix(f".tmp-{os.getpid()}")
+    torch.save(state, tmp)
+    tmp.replace(ckpt)
+
+
+class _Records:
+    """The logged curve: every `log_every` steps, the mean of each loss term since the last record,
+    the learning rate, seconds per step and the highest step's peak memory."""
+
+    def __init__(self, start: int, history: list):
+        self.history, self.metrics = history, {}
+        self._sums, self._peak, self._since, self._clock = {}, None, start, time.perf_counter()
+
+    def add(self, values: dict, peak: int | None) -> None:
+        for name, value in values.items():
+            self._sums[name] = self._sums.get(name, 0.0) + value
+        if peak is not None:
+            self._peak = max(self._peak or 0, peak)
+
+    def close(self, done: int, lr: float) -> dict:
+        now, n = time.perf_counter(), done - self._since
+        self.metrics = {f"train/{k}": v / n for k, v in self._sums.items()}
+        self.metrics["train/lr"] = lr
+        self.metrics["train/step_s"] = (now - self._clock) / n
+        if self._peak is not None:  # CPU: the resident set
+            self.metrics["train/peak_gib"] = self._peak / 2**30
+        self._sums, self._peak, self._since, self._clock = {}, None, done, now
+        self.history.append({"step": done, **self.metrics})
+        return self.metrics
+
+
 def fit(
     model,
     cfg: dict,
@@ -280,144 +394,76 @@ def fit(
     `on_eval(step)`: an evaluation every `train.eval_every` steps before the last (rank 0 only),
     with the training random state put back after it, so that it does not change the run.
     """
-    # --- config
     t = cfg["train"]
     steps, batch = t["steps"], t["batch_size"]
     rank, world = distributed()
     if batch % world:
         raise ValueError(f"train.batch_size {batch} is not divisible by the {world} data-parallel ranks")
-    device = next(model.parameters()).device
-    torch.manual_seed(cfg["seed"])
-    image_data = copy.copy(data)
-    image_data.frames = 1
-
-    # --- model: SAM2's training forward over the student's own modules; the teacher likewise
     if on_eval is not None and world > 1:  # rank 0 alone would evaluate while the others wait in a collective
         raise ValueError("train.eval_every: intermediate evaluations run in one process, not under torchrun")
-    view = models.training_view(model, cfg["model"]["name"], cfg["model"]["image_size"], t["prompts"])
-    view.train()
-    net = view
-    if world > 1:
-        net = DDP(view, find_unused_parameters=True)
-    objectives = t["objectives"]
-    teacher_view = None
-    if distills(objectives):
-        if teacher is None:
-            raise ValueError("train.objectives: distillation needs the FP teacher")
-        teacher_view = models.training_view(teacher, cfg["model"]["name"], cfg["model"]["image_size"], t["prompts"])
-        teacher_view.eval().requires_grad_(False)
-        teacher_view.training = True  # SAM2Train samples prompts as in training only when training
+    device = next(model.parameters()).device
+    torch.manual_seed(cfg["seed"])
+    view, net, teacher_view = _views(model, teacher, cfg, world)
     criterion = sam2_loss()
-
-    # --- optimizer: AdamW, quantizer parameters with their own learning rate and weight decay
-    groups = (
-        method.param_groups(model) if method is not None else [{"name": "model", "params": list(model.parameters())}]
-    )
-    for g in groups:
-        quant = g["name"] == "quant"
-        g.setdefault("lr", t["quant_lr"] if quant else t["lr"])
-        g.setdefault("weight_decay", t["quant_weight_decay"] if quant else t["weight_decay"])
-    groups = [g for g in groups if g["params"]]
-    optimizer = torch.optim.AdamW(groups)
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: lr_factor(s, steps, t["warmup_steps"], t["min_lr_ratio"])
-    )
-
-    # --- resume
-    start, history = 0, []
+    groups, optimizer, schedule = _optimizer(model, method, t)
     ckpt = Path(checkpoint_dir) / "last.pt" if checkpoint_dir else None
-    if ckpt is not None and ckpt.is_file():
-        state = torch.load(ckpt, map_location=device, weights_only=False)
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        schedule.load_state_dict(state["scheduler"])
-        _set_rng_state(view, state["rng"][rank] if rank < len(state["rng"]) else state["rng"][0])
-        start, history = state["step"], state["history"]
-        if rank == 0:
-            logging.getLogger("qbench").info("train: resuming from step %d of %d (%s)", start, steps, ckpt)
-
-    # --- loop
-    metrics, running, last, last_step, peak = {}, {}, time.perf_counter(), start, None
+    start, history = _resume(ckpt, model, optimizer, schedule, view, rank, steps)
+    records = _Records(start, history)
     bar = progress_bar(
         range(start, steps), initial=start, total=steps, desc="train", unit="step", enabled=progress and rank == 0
     )
     with recompute.checkpointing(model, t.get("checkpoint_blocks", True)) as blocks:
         for step in bar:
-            # The data position is the step: clip indices of this step, this rank's share of them.
-            image_step = (
-                t["image_fraction"] and np.random.default_rng([cfg["seed"], step]).random() < t["image_fraction"]
-            )
-            source = image_data if image_step else data
-            share = batch // world
-            clips = [source[step * batch + rank * share + i] for i in range(share)]
-            micro = t.get("micro_batch") or share
-            parts = [collate(clips[i : i + micro]).to(device) for i in range(0, share, micro)]
+            parts = _step_parts(data, cfg, step, rank, world, device)
             optimizer.zero_grad(set_to_none=True)
             with memory.Peak(device) as step_peak:
                 try:
                     values = _accumulate(
-                        net, view, model, parts, criterion, objectives, teacher_view, method, blocks, t["amp"], step
+                        net,
+                        view,
+                        model,
+                        parts,
+                        criterion,
+                        t["objectives"],
+                        teacher_view,
+                        method,
+                        blocks,
+                        t["amp"],
+                        step,
                     )
                 except torch.OutOfMemoryError:
-                    raise OutOfMemory(_oom_reason(step, device, micro, share, t["frames"])) from None
+                    raise OutOfMemory(_oom_reason(step, device, t, batch // world)) from None
                 if t["grad_clip"]:
                     torch.nn.utils.clip_grad_norm_([p for g in groups for p in g["params"]], t["grad_clip"])
                 lr = optimizer.param_groups[0]["lr"]  # this step's rate (the scheduler moves on below)
                 optimizer.step()
-            if step_peak.peak is not None:
-                peak = max(peak or 0, step_peak.peak)
             schedule.step()
             if method is not None:
                 method.on_step(model, step)
-
             if world > 1:
                 reduced = torch.tensor([values["loss"]], device=device)
                 dist.all_reduce(reduced)
                 values["loss"] = float(reduced) / world
+            records.add(values, step_peak.peak)
             done = step + 1
-            for name, value in values.items():
-                running[name] = running.get(name, 0.0) + value
             if done % t["log_every"] == 0 or done == steps:
-                now = time.perf_counter()
-                # the mean over the steps since the last record: a curve, not every tenth sample
-                metrics = {f"train/{k}": v / (done - last_step) for k, v in running.items()}
-                running = {}
-                metrics["train/lr"] = lr
-                metrics["train/step_s"] = (now - last) / (done - last_step)
-                if peak is not None:  # the highest step since the last record (CPU: resident set)
-                    metrics["train/peak_gib"], peak = peak / 2**30, None
-                last, last_step = now, done
-                history.append({"step": done, **metrics})
+                metrics = records.close(done, lr)
                 if rank == 0 and log is not None:
                     log(metrics, done)
                 bar.set_postfix(loss=f"{values['loss']:.3f}", refresh=False)
-
             if on_eval is not None and rank == 0 and done % (t.get("eval_every") or steps) == 0 and done < steps:
-                model.eval()
-                gpus = [device] if device.type == "cuda" else []
-                with torch.random.fork_rng(devices=gpus), _keep_numpy_python_rng():
-                    on_eval(done)
-                view.train()
-
-            # --- checkpoint
+                _evaluate_between(on_eval, model, view, done, device)
             if ckpt is not None and (done % t["checkpoint_every"] == 0 or done == steps):
-                rngs = [_rng_state(view)]
-                if world > 1:
-                    rngs = [None] * world
-                    dist.all_gather_object(rngs, _rng_state(view))
-                if rank == 0:
-                    state = {
-                        "model": model.state_dict(),
-                        "optimizer": optimizer.state_dict(),
-                        "scheduler": schedule.state_dict(),
-                        "step": done,
-                        "rng": rngs,
-                        "history": history,
-                    }
-                    ckpt.parent.mkdir(parents=True, exist_ok=True)
-                    tmp = ckpt.with_suffix(f".tmp-{os.getpid()}")
-                    torch.save(state, tmp)
-                    tmp.replace(ckpt)  # a kill mid-write leaves the previous checkpoint intact
+                _save(ckpt, model, optimizer, schedule, view, done, records.history, rank, world)
     bar.close()
     model.eval()
-    return {"metrics": metrics, "history": history, "resumed_from": start}
+    return {"metrics": records.metrics, "history": records.history, "resumed_from": start}
+
+
+def _evaluate_between(on_eval, model, view, done: int, device) -> None:
+    """`on_eval(done)` in eval mode, with the training random state put back after it."""
+    model.eval()
+    gpus = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=gpus), _keep_numpy_python_rng():
+        on_eval(done)
+    view.train()
