@@ -57,9 +57,12 @@ def _env(session: nox.Session) -> None:
 
 @nox.session
 def tests(session: nox.Session) -> None:
-    """The test suite (CPU only)."""
+    """The test suite (CPU only), one pytest-xdist worker per core (at most 4; QBENCH_TEST_WORKERS
+    sets it, 0 runs in this process), each test file on one worker so that its fixtures build once.
+    `nox -s tests -- -m "not e2e"` leaves out the end-to-end process runs."""
     _env(session)
-    session.run(PY, "-m", "pytest", *session.posargs, external=True)
+    workers = os.environ.get("QBENCH_TEST_WORKERS", str(min(4, os.cpu_count() or 1)))
+    session.run(PY, "-m", "pytest", "-n", workers, "--dist", "loadfile", *session.posargs, external=True)
 
 
 @nox.session

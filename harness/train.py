@@ -296,12 +296,11 @@ def _optimizer(model, method, t: dict):
     return groups, optimizer, schedule
 
 
-def _resume(ckpt: Path | None, model, optimizer, schedule, view, rank: int, steps: int) -> tuple[int, list]:
-    """(first step to run, history so far) from `ckpt` when it exists, with every state put back."""
-    if ckpt is None or not ckpt.is_file():
+def _resume(state: dict | None, optimizer, schedule, view, rank: int, steps: int, ckpt: Path | None):
+    """(first step to run, history so far): the optimizer, scheduler and random states of a
+    checkpoint put back (the model's are loaded before the optimizer exists, see fit)."""
+    if state is None:
         return 0, []
-    state = torch.load(ckpt, map_location=next(model.parameters()).device, weights_only=False)
-    model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
     schedule.load_state_dict(state["scheduler"])
     _set_rng_state(view, state["rng"][rank] if rank < len(state["rng"]) else state["rng"][0])
@@ -403,11 +402,17 @@ def fit(
         raise ValueError("train.eval_every: intermediate evaluations run in one process, not under torchrun")
     device = next(model.parameters()).device
     torch.manual_seed(cfg["seed"])
+    ckpt = Path(checkpoint_dir) / "last.pt" if checkpoint_dir else None
+    state = torch.load(ckpt, map_location=device, weights_only=False) if ckpt and ckpt.is_file() else None
+    if state is not None:
+        # Before the optimizer takes the parameters: Brevitas rebuilds a quantizer's modules when a
+        # state dict is loaded, so quantizer parameters taken earlier would no longer be the model's.
+        model.load_state_dict(state["model"])
     view, net, teacher_view = _views(model, teacher, cfg, world)
     criterion = sam2_loss()
     groups, optimizer, schedule = _optimizer(model, method, t)
-    ckpt = Path(checkpoint_dir) / "last.pt" if checkpoint_dir else None
-    start, history = _resume(ckpt, model, optimizer, schedule, view, rank, steps)
+    start, history = _resume(state, optimizer, schedule, view, rank, steps, ckpt)
+    del state
     records = _Records(start, history)
     bar = progress_bar(
         range(start, steps), initial=start, total=steps, desc="train", unit="step", enabled=progress and rank == 0

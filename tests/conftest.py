@@ -1,9 +1,17 @@
+import os
+
 import pytest
 import torch
 
 from harness.data import synthetic
 
-torch.set_num_threads(2)
+# Under pytest-xdist (`nox -s tests` runs one worker per core) each worker and the processes it
+# starts take one thread: two threads per worker on two cores would spin against each other.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    torch.set_num_threads(1)
+else:
+    torch.set_num_threads(2)
 
 
 @pytest.fixture(scope="session")

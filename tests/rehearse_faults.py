@@ -55,8 +55,8 @@ def wait_for(predicate, proc: subprocess.Popen, what: str, timeout: float = 3600
         time.sleep(0.005)
 
 
-def resume(results: Path) -> None:
-    suite = ["suite", "rehearse_resume"]
+def resume(results: Path, suite_file: str) -> None:
+    suite = ["suite", suite_file]
     straight, killed = results / "straight", results / "killed"
     finish(start([*suite, "--results", str(straight)], results / "straight.log"))
     records(straight)
@@ -85,8 +85,8 @@ def resume(results: Path) -> None:
     print(f"  losses straight {losses[0]}, killed and resumed {losses[1]}")
 
 
-def search(results: Path) -> None:
-    args = ["search", "rehearse_search", "--results", str(results)]
+def search(results: Path, suite_file: str) -> None:
+    args = ["search", suite_file, "--results", str(results)]
     proc = start(args, results / "search.log")
 
     def training() -> bool:
@@ -115,7 +115,8 @@ if __name__ == "__main__":
     p = argparse.ArgumentParser()
     p.add_argument("case", choices=["resume", "search"])
     p.add_argument("--results", default="results/rehearse/faults")
+    p.add_argument("--suite", help="another suite file of the same name (rehearse_resume or rehearse_search)")
     a = p.parse_args()
     out = (ROOT / a.results / a.case).resolve()
     out.mkdir(parents=True, exist_ok=True)
-    {"resume": resume, "search": search}[a.case](out)
+    {"resume": resume, "search": search}[a.case](out, a.suite or f"rehearse_{a.case}")

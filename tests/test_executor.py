@@ -81,6 +81,7 @@ def three_ways(tmp_path_factory):
     return {name: (tmp / name, proc.returncode, errs[name]) for name, proc in procs.items()}
 
 
+@pytest.mark.e2e
 def test_submitit_local_records_what_the_local_runner_records(three_ways):
     (local, code_l, err_l), (sub, code_s, err_s) = three_ways["local"], three_ways["submitit"]
     assert code_l == code_s == 1, (err_l + err_s)[-3000:]  # one run fails in each
@@ -108,6 +109,7 @@ def test_submitit_local_records_what_the_local_runner_records(three_ways):
     assert not list((sub / "claims" / "tiny").glob("*.json"))
 
 
+@pytest.mark.e2e
 def test_a_failed_run_through_the_executor_is_recorded(three_ways):
     sub, code, err = three_ways["submitit"]
     assert code == 1 and "FAILED name=fp,kind=davis,root=" in err, err[-3000:]
@@ -118,6 +120,7 @@ def test_a_failed_run_through_the_executor_is_recorded(three_ways):
     assert {r.info.status for r in runs.values()} == {"FINISHED", "FAILED"}
 
 
+@pytest.mark.e2e
 def test_two_local_workers_run_each_run_once(three_ways):
     results, code, err = three_ways["workers"]
     assert code == 1 and err.count("FAILED name=fp,kind=davis") == 2, err[-3000:]  # the worker's line, and ours
@@ -128,6 +131,7 @@ def test_two_local_workers_run_each_run_once(three_ways):
     assert (results / "tiny" / "summary.md").read_text().count("| rtn |") == 1
 
 
+@pytest.mark.e2e
 def test_a_killed_job_is_recorded_and_its_claim_released(tmp_path):
     suite = tmp_path / "tiny.yaml"
     suite.write_text(SUITE.format(bad="x").split("include:")[0].replace("[fp, rtn]", "[fp]"))

@@ -7,6 +7,8 @@ import sys
 import pytest
 import torch
 
+pytestmark = pytest.mark.e2e
+
 
 def test_gpu_check_runs_every_check_and_prints_a_line_for_each(tmp_path):
     cmd = [sys.executable, "-m", "harness.gpu_check", "--device", "cpu", "--model", "sam2_small"]

@@ -12,6 +12,8 @@ import time
 import pytest
 from mlflow.tracking import MlflowClient
 
+pytestmark = pytest.mark.e2e
+
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE"}
 # One QAT run with phases long enough to be caught in: calibration of 24 frames, 400 training
 # steps (a checkpoint every step: the interrupt also lands in checkpoint writes), 16-frame sequences scored.

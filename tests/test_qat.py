@@ -252,6 +252,7 @@ report:
 """
 
 
+@pytest.mark.e2e
 def test_short_lsq_w2a8_run_beats_rtn_w2a8(tmp_path):
     """A suite through the runner: 8 QAT steps of LSQ against min-max PTQ at W2A8, and its report."""
     path = tmp_path / "qat_short.yaml"

@@ -133,6 +133,7 @@ def test_schema_less_database_is_one_line(suite_file, tmp_path):
     assert proc.returncode == 2 and "not an MLflow database (no experiments table)" in proc.stderr
 
 
+@pytest.mark.e2e
 def test_sigkill_then_ctrl_c(suite_file, tmp_path):
     results = tmp_path / "results"
     first = start(suite_file, results)

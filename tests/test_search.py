@@ -125,6 +125,7 @@ def test_intermediate_evaluations_do_not_change_the_trained_model(tmp_path):
     assert not changed
 
 
+@pytest.mark.e2e
 def test_two_workers_share_one_study_without_duplicate_trials(tmp_path):
     results = tmp_path / "results"
     path = write(tmp_path, "s3", {"space": {"train.quant_lr": LR}, "n_trials": 4, "pruner": "none"})
@@ -142,6 +143,7 @@ def test_two_workers_share_one_study_without_duplicate_trials(tmp_path):
     assert sorted(r.data.tags["run_key"] for r in runs if r.info.status == "FINISHED") == sorted(keys)
 
 
+@pytest.mark.e2e
 def test_a_killed_search_resumes_with_its_finished_trials_kept(tmp_path):
     results = tmp_path / "results"
     path = write(tmp_path, "s4", {"space": {"train.quant_lr": LR}, "n_trials": 3, "pruner": "none"})

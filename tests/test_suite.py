@@ -12,6 +12,7 @@ def qbench(*args, cwd=None):
     return subprocess.run([sys.executable, "-m", "harness", *args], capture_output=True, text=True, cwd=cwd)
 
 
+@pytest.mark.e2e
 def test_smoke_suite_end_to_end(tmp_path):
     results = tmp_path / "results"
     first = qbench("suite", "smoke", *REDUCED, "--results", str(results))

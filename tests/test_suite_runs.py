@@ -80,6 +80,7 @@ def killed_and_resumed(suite_file, tmp_path_factory):
     return results, killed_key, finished_before, resumed.returncode, out, err
 
 
+@pytest.mark.e2e
 def test_resume_after_sigkill(killed_and_resumed):
     results, killed_key, finished_before, code, out, err = killed_and_resumed
     assert code == 0, err[-2000:]
@@ -99,6 +100,7 @@ def test_resume_after_sigkill(killed_and_resumed):
     assert not list((results / "claims" / "tiny").glob("*.json"))
 
 
+@pytest.mark.e2e
 def test_two_processes_run_each_run_once(suite_file, tmp_path, killed_and_resumed):
     a, b = start(suite_file, tmp_path), start(suite_file, tmp_path)
     for p in (a, b):
@@ -115,6 +117,7 @@ def test_two_processes_run_each_run_once(suite_file, tmp_path, killed_and_resume
         assert same == {k: other[key][k] for k in same}, key
 
 
+@pytest.mark.e2e
 def test_dry_run_lists_run_keys_and_status(suite_file, killed_and_resumed):
     results = killed_and_resumed[0]
     proc = subprocess.run(
@@ -145,6 +148,7 @@ def test_dry_run_lists_run_keys_and_status(suite_file, killed_and_resumed):
     assert sorted(line.split()[1] for line in fresh.stdout.splitlines()[1:]) == ["FINISHED", "pending", "pending"]
 
 
+@pytest.mark.e2e
 def test_failed_run_is_recorded_and_the_suite_goes_on(tmp_path):
     good = synthetic.generate(tmp_path / "good", sequences=2, frames=4, size=(96, 64), seed=1)
     bad = shutil.copytree(good, tmp_path / "bad")

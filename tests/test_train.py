@@ -125,6 +125,7 @@ def _weights(path):
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
+@pytest.mark.e2e
 def test_resume_after_sigkill_reaches_the_same_weights(tmp_path):
     steps = 10
     straight, killed = tmp_path / "straight", tmp_path / "killed"
@@ -154,6 +155,65 @@ def test_resume_after_sigkill_reaches_the_same_weights(tmp_path):
     assert all(torch.equal(opt_a[i]["exp_avg_sq"], opt_b[i]["exp_avg_sq"]) for i in opt_a)
 
 
+class _Stop(Exception):
+    pass
+
+
+def _quantized_fit(cfg, results, stop_at=None):
+    """Build, quantize and calibrate the embedded default as the runner does, then train; an
+    exception from the step-`stop_at` record stops it before that step's checkpoint, as a kill would."""
+    import methods
+    from harness import runner
+    from harness.evaluate import registry as evaluators
+
+    method = methods.from_config(cfg["method"])
+    ctx = runner.context(cfg, results, results / "ckpt")
+    method.plan(ctx), method.quantize(ctx), method.calibrate(ctx)
+
+    def log(metrics, step):
+        if step == stop_at:
+            raise _Stop
+
+    data = train_data(cfg, lambda d: evaluators.dataset(cfg, d, results))
+    try:
+        out = fit(ctx.student, cfg, data, results / "ckpt", method=method, teacher=ctx.teacher, log=log, progress=False)
+    except _Stop:
+        return None, None
+    return ctx.student.state_dict(), out
+
+
+@pytest.mark.parametrize("method", ["lsq", "pact", "qsam2"])
+def test_a_quantized_run_resumed_from_its_checkpoint_reaches_the_same_weights(method, tmp_path):
+    """Brevitas rebuilds quantizer modules on load_state_dict: the optimizer must take the
+    parameters after the checkpoint is loaded, or the resumed run stops training the quantizers."""
+    cfg = config(
+        f"method.name={method}",
+        *(["method.vrc.calib_images=2"] if method == "qsam2" else []),
+        "quant.weight_bits=2",
+        "model.image_size=128",
+        "data.synthetic.sequences=2",
+        "data.synthetic.frames=3",
+        "data.synthetic.size=96x64",
+        "data.calib.frames=2",
+        "train.steps=3",
+        "train.batch_size=1",
+        "train.frames=2",
+        "train.log_every=1",
+        "train.checkpoint_every=1",
+        "train.data.kind=stream",
+        "train.data.size=96x64",
+        "train.objectives.distill_mask=1.0",
+    )
+    straight, _ = _quantized_fit(cfg, tmp_path / "straight")
+    _quantized_fit(cfg, tmp_path / "killed", stop_at=2)
+    assert torch.load(tmp_path / "killed" / "ckpt" / "last.pt", weights_only=False)["step"] == 1
+    resumed, out = _quantized_fit(cfg, tmp_path / "killed")
+    assert out["resumed_from"] == 1
+    different = [k for k in straight if not torch.equal(straight[k], resumed[k])]
+    assert not different, different[:5]
+
+
+@pytest.mark.e2e
 def test_ddp_on_two_processes_matches_one_process(tmp_path):
     """Same global batch (2 clips): 2 ranks of 1 clip give the loss and the averaged gradient of 1 process."""
     one, two = tmp_path / "one", tmp_path / "two"
@@ -179,6 +239,7 @@ def test_ddp_on_two_processes_matches_one_process(tmp_path):
     assert sorted(p.name for p in (two / "ckpt").iterdir()) == ["last.pt"]
 
 
+@pytest.mark.e2e
 def test_a_suite_under_torchrun_is_run_and_recorded_once_by_rank_0(tmp_path):
     from mlflow.tracking import MlflowClient
 
