@@ -84,8 +84,10 @@ def test_ctrl_c_in_a_phase_records_the_run_killed_in_one_line(phase, suite_file,
     steps = {"calibrate": [], "train": ["train.steps=12"], "evaluate": ["train.steps=2"]}[phase]
     proc = start(suite_file, results, *steps)
     wait_for_phase(proc, results, phase)
-    if phase == "train":
-        time.sleep(2)  # a few steps in, each writing its checkpoint
+    if phase == "train":  # once a step has written its checkpoint (a loaded machine takes longer)
+        deadline = time.time() + 120
+        while not any((results / "checkpoints").glob("*/*/last.pt")) and time.time() < deadline:
+            time.sleep(0.1)
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=120)
     lines = [line for line in err.strip().splitlines() if not line.startswith(("INFO", "WARNING"))]
