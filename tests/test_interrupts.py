@@ -62,6 +62,14 @@ def the_run(results):
     return run
 
 
+def wait_for_a_step(results):
+    """Until a step has been logged and has written its checkpoint (a fixed sleep is too short on a
+    loaded machine)."""
+    deadline = time.time() + 120
+    while not any((results / "checkpoints").glob("*/*/last.pt")) and time.time() < deadline:
+        time.sleep(0.1)
+
+
 @pytest.fixture
 def suite_file(tmp_path):
     path = tmp_path / "phases.yaml"
@@ -84,10 +92,8 @@ def test_ctrl_c_in_a_phase_records_the_run_killed_in_one_line(phase, suite_file,
     steps = {"calibrate": [], "train": ["train.steps=12"], "evaluate": ["train.steps=2"]}[phase]
     proc = start(suite_file, results, *steps)
     wait_for_phase(proc, results, phase)
-    if phase == "train":  # once a step has written its checkpoint (a loaded machine takes longer)
-        deadline = time.time() + 120
-        while not any((results / "checkpoints").glob("*/*/last.pt")) and time.time() < deadline:
-            time.sleep(0.1)
+    if phase == "train":
+        wait_for_a_step(results)
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=120)
     lines = [line for line in err.strip().splitlines() if not line.startswith(("INFO", "WARNING"))]
@@ -130,7 +136,7 @@ def test_a_run_killed_by_a_signal_is_shown_and_closed_as_killed_with_where_it_wa
     results = tmp_path / "r"
     proc = start(suite_file, results, "train.steps=12")
     wait_for_phase(proc, results, "train")
-    time.sleep(3)  # some logged steps
+    wait_for_a_step(results)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert the_run(results).info.status == "RUNNING"
