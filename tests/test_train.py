@@ -168,7 +168,9 @@ def _quantized_fit(cfg, results, stop_at=None):
 
     method = methods.from_config(cfg["method"])
     ctx = runner.context(cfg, results, results / "ckpt")
-    method.plan(ctx), method.quantize(ctx), method.calibrate(ctx)
+    method.plan(ctx)
+    method.quantize(ctx)
+    method.calibrate(ctx)
 
     def log(metrics, step):
         if step == stop_at:
