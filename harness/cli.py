@@ -249,7 +249,8 @@ def _report(args) -> int:
 
         written = report_search(Search(args.suite, args.overrides, args.results))
     if raw.search is None or raw.matrix or raw.seeds or raw.include:
-        written |= report(load_suite(args.suite, args.overrides), args.results)
+        runs = [o for o in args.overrides if not o.startswith("search.")]  # the search's budget
+        written |= report(load_suite(args.suite, runs), args.results)
     for path in written.values():
         print(path)
     return 0

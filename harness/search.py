@@ -3,10 +3,11 @@
 A suite file's `search:` section declares the space (dotted run-config keys, each a float, int or
 categorical, optionally log-scaled and conditional on other keys such as method.name), the
 objective (one metric, or a metric and the packed size as a multi-objective study), the sampler,
-the pruner, n_trials and timeout. Each trial is a run config built from the suite's `base` and the
-command-line overrides with the sampled values set: it runs through the suite runner's own code path
-(claim, child MLflow record under the search's parent record, runner.run_one), so it has the run_key
-a suite run of the same config has, and a trial equal to a FINISHED run reuses that record.
+the pruner, n_trials and timeout (the budget, the only search keys a command-line override such as
+`search.n_trials=40` may set). Each trial is a run config built from the suite's `base` and the
+other command-line overrides with the sampled values set: it runs through the suite runner's own
+code path (claim, child MLflow record under the search's parent record, runner.run_one), so it has
+the run_key a suite run of the same config has, and a trial equal to a FINISHED run reuses that record.
 
 Storage: Optuna's journal file (results/searches/<study>.journal by default), which several worker
 processes on one host share through its file lock; `storage: postgresql://...` (any SQLAlchemy URL)
@@ -17,9 +18,11 @@ again by the next worker to start; finished trials are kept.
 from __future__ import annotations
 
 import copy
+import difflib
 import fcntl
 import logging
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -91,6 +94,32 @@ class SearchCfg(Strict):
     enqueue_base: bool = True  # the first trial is the base config's own values (the default to beat)
 
 
+# The search keys a command-line override may set: the budget. The others (space, objective,
+# sampler, storage, ...) define the study, and a resumed study must keep them: edit the file.
+BUDGET = ("n_trials", "timeout")
+LATENCY = re.compile(r"fps|time_\w+_s")
+
+
+def split_budget(overrides: list[str]) -> tuple[dict, list[str]]:
+    """({n_trials/timeout: value} of the `search.*` overrides, the other overrides as given)."""
+    budget, rest = {}, []
+    for item in overrides:
+        key, value = parse_override(item)
+        if not key.startswith("search."):
+            rest.append(item)
+            continue
+        name = key[len("search.") :]
+        if name not in BUDGET:
+            close = difflib.get_close_matches(name, BUDGET, n=1)
+            hint = f"; did you mean 'search.{close[0]}'?" if close else ""
+            raise ConfigError(
+                f"command-line override {key}: only search.n_trials and search.timeout can be set on the "
+                f"command line (the other search keys define the study: edit the suite file){hint}"
+            )
+        budget[name] = value
+    return budget, rest
+
+
 def _metric_key(alias: str) -> str:
     return catalog.find(alias).key
 
@@ -110,7 +139,9 @@ class Search:
         self.cfg = validate(SearchCfg, suite.search, str(self.path), prefix="search.")
         self.name = suite.name or self.path.stem
         self.results_dir = Path(results_dir).resolve()
-        self.overrides = list(overrides or [])
+        budget, self.overrides = split_budget(overrides or [])  # self.overrides: those of the run configs
+        if budget:
+            self.cfg = validate(SearchCfg, {**suite.search, **budget}, "command-line override", prefix="search.")
         self.base = merge(DEFAULTS, suite.base)
         for key, value in map(parse_override, self.overrides):
             set_dotted(self.base, key, value, "command-line override")
@@ -126,9 +157,16 @@ class Search:
                     raise ConfigError(f"{where}.space.{key}.when: unknown run-config key {cond!r}")
         if not 1 <= len(c.objective) <= 2:
             raise ConfigError(f"{where}.objective: {c.objective!r}; expected one metric or two (e.g. [jf, size])")
-        for m in c.objective:
-            catalog.find(m, self.base["data"]["eval"]["kind"], f"{where}.objective")
         multi = len(c.objective) == 2
+        for m in c.objective:
+            info = catalog.find(m, self.base["data"]["eval"]["kind"], f"{where}.objective")
+            # Timings here are of fake-quantized layers: a trade-off against them would reward the
+            # simulation, not a low-bit kernel (there is none yet).
+            if multi and LATENCY.fullmatch(info.key):
+                raise ConfigError(
+                    f"{where}.objective: {m!r}: latency is not available as an objective yet (no low-bit "
+                    "kernel; timings are of fake-quantized layers); use e.g. [jf, size]"
+                )
         if multi and c.pruner not in (None, "none"):
             raise ConfigError(f"{where}.pruner: {c.pruner!r}; Optuna cannot prune multi-objective studies, use none")
         if (c.pruner or "median") != "none" and not multi and not self.base["train"]["eval_every"]:

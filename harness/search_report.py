@@ -1,5 +1,6 @@
 """What a search found: its trials table, optimization history, parameter importances, the Pareto
-front of a two-objective study (PNG + PDF), and the best trial written out as a ready suite file.
+front of a two-objective study (PNG + PDF), and the best trial (of a two-objective study, the Pareto
+set) written out as a ready suite file.
 
 Written by `qbench report NAME` (`nox -s report -- NAME`) for a suite file with a `search:` section.
 """
@@ -19,10 +20,11 @@ import yaml  # noqa: E402
 
 from harness.errors import ConfigError  # noqa: E402
 from harness.evaluate import catalog  # noqa: E402
-from harness.report import DPI, STYLE  # noqa: E402
+from harness.report import DPI, FIGSIZE, STYLE  # noqa: E402
 from harness.search import Search  # noqa: E402
 
 STATE = optuna.trial.TrialState
+MAXIMIZE = optuna.study.StudyDirection.MAXIMIZE
 
 
 def load(search: Search) -> optuna.Study | None:
@@ -47,13 +49,22 @@ def _shown(alias: str, value: float) -> float:
 
 
 def best(search: Search, study: optuna.Study) -> optuna.trial.FrozenTrial | None:
-    """The best trial; of a two-objective study's Pareto front, the one best on the first objective."""
-    if not any(t.state == STATE.COMPLETE for t in study.trials):
+    """The best trial of a one-objective study (a two-objective study has a Pareto set instead)."""
+    if search.multi or not any(t.state == STATE.COMPLETE for t in study.trials):
         return None
-    if not search.multi:
-        return study.best_trial
-    sign = 1 if study.directions[0] == optuna.study.StudyDirection.MAXIMIZE else -1
-    return max(study.best_trials, key=lambda t: sign * t.values[0])
+    return study.best_trial
+
+
+def pareto(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
+    """The completed trials no other trial dominates (Optuna's best_trials), best on the first objective first."""
+    sign = 1 if study.directions[0] == MAXIMIZE else -1
+    return sorted(study.best_trials, key=lambda t: (-sign * t.values[0], t.number))
+
+
+def _dominates(a: list[float], b: list[float], directions) -> bool:
+    signs = [1 if d == MAXIMIZE else -1 for d in directions]
+    better = [s * (x - y) for s, x, y in zip(signs, a, b)]
+    return all(d >= 0 for d in better) and any(d > 0 for d in better)
 
 
 def summary(search: Search, study: optuna.Study | None = None) -> str:
@@ -67,11 +78,13 @@ def summary(search: Search, study: optuna.Study | None = None) -> str:
     cols = ["trial", "state", *(_label(m) for m in objective), *keys, "run_key", "note"]
     lines = [head, "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     top = best(search, study)
+    front = {t.number for t in pareto(study)} if search.multi else set()
     for t in study.trials:
         values = [f"{_shown(m, v):.2f}" for m, v in zip(objective, t.values)] if t.values else ["-"] * len(objective)
         note = [
             "base config" if t.user_attrs.get("base") else "",
             "best" if top is not None and t.number == top.number else "",
+            "Pareto" if t.number in front else "",
             t.user_attrs.get("pruned", ""),
             "reused " + t.user_attrs["reused_run"][:8] if "reused_run" in t.user_attrs else "",
             t.user_attrs.get("failure", "")[:80],
@@ -89,22 +102,33 @@ def summary(search: Search, study: optuna.Study | None = None) -> str:
     return "\n".join(lines)
 
 
-def best_suite(search: Search, trial: optuna.trial.FrozenTrial) -> dict:
-    """A suite file that runs the best trial's config (the suite's base, the overrides, the trial's values)."""
+def _values(search: Search, trial: optuna.trial.FrozenTrial) -> str:
+    return ", ".join(f"{_label(m)} {_shown(m, v):.2f}" for m, v in zip(search.cfg.objective, trial.values))
+
+
+def best_suite(search: Search, trials: list[optuna.trial.FrozenTrial]) -> dict:
+    """A suite file that runs the best trial's config (the suite's base, the overrides, the trial's
+    values); of a two-objective study, one run per Pareto trial: the base with an `include` entry
+    of each trial's values, and the bare base left out (`exclude: [{}]` matches it) unless it is one."""
     from harness.config import read_suite_file
 
     base = copy.deepcopy(read_suite_file(search.path).base)
-    for key, value in search.overrides_and(trial.params):
+    for key, value in search.overrides_and({} if search.multi else trials[0].params):
         node = base
         *parents, last = key.split(".")
         for part in parents:
             node = node.setdefault(part, {})
         node[last] = value
-    values = ", ".join(f"{_label(m)} {_shown(m, v):.2f}" for m, v in zip(search.cfg.objective, trial.values))
+    if not search.multi:
+        described = f"Trial {trials[0].number} of search {search.study_name} ({_values(search, trials[0])})"
+        return {"name": f"{search.name}_best", "description": f"{described}, written by `qbench report`.", "base": base}
+    front = "; ".join(f"{t.number} ({_values(search, t)})" for t in trials)
     return {
-        "name": f"{search.name}_best",
-        "description": f"Trial {trial.number} of search {search.study_name} ({values}), written by `qbench report`.",
+        "name": f"{search.name}_pareto",
+        "description": f"The Pareto set of search {search.study_name}, trials {front}; written by `qbench report`.",
         "base": base,
+        "include": [dict(t.params) for t in trials],
+        "exclude": [{}],
     }
 
 
@@ -149,9 +173,12 @@ def report_search(search: Search) -> dict[str, Path]:
     out.mkdir(parents=True, exist_ok=True)
     written = {"search.md": out / "search.md"}
     top = best(search, study)
+    front = pareto(study) if search.multi else [top]
     text = summary(search, study)
     base = [t for t in study.trials if t.user_attrs.get("base") and t.state == STATE.COMPLETE]
-    if base:
+    if search.multi:
+        text += _pareto_md(search, study, front, base[0] if base else None)
+    elif base:
         cmp = ", ".join(
             f"{_label(m)} {_shown(m, b):.2f} -> {_shown(m, v):.2f}"
             for m, b, v in zip(search.cfg.objective, base[0].values, top.values)
@@ -160,7 +187,7 @@ def report_search(search: Search) -> dict[str, Path]:
     text += _versions(search)
     written["search.md"].write_text(text + "\n")
     suite = out / "best_trial.yaml"
-    suite.write_text(yaml.safe_dump(best_suite(search, top), sort_keys=False))
+    suite.write_text(yaml.safe_dump(best_suite(search, front), sort_keys=False))
     written["best_trial.yaml"] = suite
     objective = search.cfg.objective
     names = [_label(m) for m in objective]
@@ -171,10 +198,7 @@ def report_search(search: Search) -> dict[str, Path]:
     with plt.rc_context(STYLE), warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         if search.multi:
-            ax = optuna.visualization.matplotlib.plot_pareto_front(
-                study, targets=lambda t: [_shown(m, v) for m, v in zip(objective, t.values)], target_names=names
-            )
-            written |= _save(ax.figure, out, "pareto_front")
+            written |= _save(_pareto_figure(search, study, front), out, "pareto_front")
         else:
             ax = optuna.visualization.matplotlib.plot_optimization_history(study, target=first, target_name=names[0])
             written |= _save(ax.figure, out, "optimization_history")
@@ -190,3 +214,56 @@ def report_search(search: Search) -> dict[str, Path]:
             )
             written |= _save(ax.figure, out, "param_importances")
     return written
+
+
+def _pareto_md(search: Search, study: optuna.Study, front: list, base) -> str:
+    """The Pareto trials as a table, and where the base config stands against them."""
+    objective, keys = search.cfg.objective, list(search.cfg.space)
+    cols = ["trial", *(_label(m) for m in objective), *keys, "run_key"]
+    lines = [
+        "",
+        "",
+        f"Pareto front: the {len(front)} trial(s) no other completed trial dominates on "
+        f"{' and '.join(_label(m) for m in objective)} (best_trial.yaml runs them all):",
+        "",
+        "| " + " | ".join(cols) + " |",
+        "|" + "---|" * len(cols),
+    ]
+    for t in front:
+        values = [f"{_shown(m, v):.2f}" for m, v in zip(objective, t.values)]
+        params = [_fmt(t.params[k]) if k in t.params else "" for k in keys]
+        lines.append("| " + " | ".join([str(t.number), *values, *params, t.user_attrs.get("run_key", "")]) + " |")
+    if base is not None:
+        over = [t.number for t in front if _dominates(t.values, base.values, study.directions)]
+        where = f"is dominated by trial(s) {', '.join(map(str, over))}" if over else "is on the front"
+        lines += ["", f"The base config (trial {base.number}) {where}."]
+    return "\n".join(lines) + "\n"
+
+
+def _pareto_figure(search: Search, study: optuna.Study, front: list):
+    """Every completed trial, the second objective across and the first up: the Pareto trials joined
+    by the step line of the best first objective reachable within each value of the second, the
+    dominated ones grey; each point named by its trial number."""
+    (y_m, x_m), on = search.cfg.objective, {t.number for t in front}
+    xy = {
+        t.number: (_shown(x_m, t.values[1]), _shown(y_m, t.values[0]))
+        for t in study.trials
+        if t.state == STATE.COMPLETE
+    }
+    grey = [n for n in xy if n not in on]
+    # From the best second objective to the worst: each step holds the front's value until a
+    # trial that gives up some of the second objective improves the first.
+    ordered = sorted(on, key=lambda n: xy[n][0], reverse=study.directions[1] == MAXIMIZE)
+    fig, ax = plt.subplots(figsize=FIGSIZE)
+    if grey:
+        ax.scatter(*zip(*(xy[n] for n in grey)), s=12, color="0.75", zorder=2, label="dominated")
+    ax.step(*zip(*(xy[n] for n in ordered)), where="post", color="C0", lw=0.9, zorder=3)
+    ax.scatter(*zip(*(xy[n] for n in ordered)), s=16, color="C0", zorder=4, label="Pareto front")
+    for n, (x, y) in xy.items():
+        color = "C0" if n in on else "0.6"
+        ax.annotate(str(n), (x, y), (3, 3), textcoords="offset points", fontsize=6, color=color)
+    ax.margins(0.08)  # room for the trial numbers at the edges
+    ax.set_xlabel(_label(x_m))
+    ax.set_ylabel(_label(y_m))
+    ax.legend()
+    return fig

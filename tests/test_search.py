@@ -1,6 +1,8 @@
 """Optuna searches on the embedded default: trials as nested MLflow runs, reuse of finished runs,
 pruning, several workers on one journal, resume after SIGKILL, reports, and bad search sections."""
 
+import itertools
+import re
 import signal
 import subprocess
 import sys
@@ -11,6 +13,7 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
+from harness.cli import main
 from harness.config import base_config, load_suite
 from harness.errors import ConfigError
 from harness.runner import prepare
@@ -181,18 +184,88 @@ def test_a_killed_search_resumes_with_its_finished_trials_kept(tmp_path):
     ) == 1
 
 
+PTQ = {**BASE, "method": {"name": "rtn"}, "train": {}}  # no training: a trial is calibration and evaluation
+BITS = {"type": "categorical", "choices": [4, 8]}
+
+
 def test_a_two_objective_search_reports_its_pareto_front(tmp_path):
-    results = tmp_path / "results"
-    base = {**BASE, "method": {"name": "rtn"}, "train": {}}
-    search = {"space": {"quant.weight_bits": {"type": "int", "low": 3, "high": 8}}, "objective": ["jf", "size"]}
-    path = write(tmp_path, "s5", {**search, "n_trials": 3, "population": 2}, base=base)
-    study = run_search(Search(str(path), results_dir=results))
+    results, url = tmp_path / "results", f"sqlite:///{tmp_path / 'optuna.db'}"
+    space = {"quant.weight_bits": {"type": "categorical", "choices": [2, 8]}, "quant.act_bits": BITS}
+    section = {"space": space, "objective": ["jf", "size"], "n_trials": 3, "population": 2, "storage": url}
+    base = {**PTQ, "quant": {"weight_bits": 8, "act_bits": 8}}
+    search = Search(str(write(tmp_path, "s5", section, base=base)), results_dir=results)
+    # With the base (W8A8, queued by the search): W8A4 has its packed size (activation bits store
+    # nothing), so one of the two is dominated whatever the J&F values; W2A8 is the smallest.
+    queue = search.study()
+    for w, a in ((8, 4), (2, 8)):
+        queue.enqueue_trial({"quant.weight_bits": w, "quant.act_bits": a})
+    study = run_search(search)
     assert isinstance(study.sampler, optuna.samplers.NSGAIISampler)
     assert [d.name for d in study.directions] == ["MAXIMIZE", "MINIMIZE"]
-    written = report_search(Search(str(path), results_dir=results))
-    assert "pareto_front.png" in written and "best_trial.yaml" in written
-    best = load_suite(str(written["best_trial.yaml"])).runs[0]
-    assert best.run_key in {t.user_attrs["run_key"] for t in study.best_trials}
+    assert optuna.load_study(study_name="s5", storage=url).directions == study.directions
+    done = [t for t in study.trials if t.state == S.COMPLETE]
+    assert len(done) == 3
+
+    def dominates(u, t):  # J&F maximized, packed bytes minimized
+        (uj, us), (tj, ts) = u.values, t.values
+        return uj >= tj and us <= ts and (uj > tj or us < ts)
+
+    front = {t.number for t in done if not any(dominates(u, t) for u in done)}
+    assert 1 <= len(front) < len(done)
+    written = report_search(Search(str(search.path), results_dir=results))
+    text = written["search.md"].read_text().splitlines()
+    start = next(i for i, line in enumerate(text) if line.startswith("Pareto front:"))
+    rows = list(itertools.takewhile(lambda line: line.startswith("| "), text[start + 4 :]))  # after the header
+    assert {int(r.split("|")[1]) for r in rows} == front
+    for name in ("pareto_front.png", "pareto_front.pdf"):
+        assert written[name].stat().st_size > 0
+    # best_trial.yaml runs the Pareto set: one run per front trial, the bare base left out.
+    runs = load_suite(str(written["best_trial.yaml"])).runs
+    assert sorted(r.run_key for r in runs) == sorted({study.trials[n].user_attrs["run_key"] for n in front})
+
+
+def test_the_budget_is_a_command_line_override_and_n_trials_counts_the_whole_study(tmp_path, capsys):
+    results = tmp_path / "results"
+    path = write(tmp_path, "s8", {"space": {"quant.weight_bits": BITS}, "n_trials": 5, "pruner": "none"}, base=PTQ)
+
+    def trials(*overrides):
+        search = Search(str(path), list(overrides), results)
+        assert search.overrides == [o for o in overrides if not o.startswith("search.")]
+        return len(run_search(search).trials)
+
+    assert trials("search.n_trials=1", "quant.act_bits=8") == 1  # the base's own act_bits: the same trials
+    assert trials("search.n_trials=3", "search.timeout=1e-9") == 1  # no trial starts after the timeout
+    # Through the command line as a user types it: the budget grows to 2 trials in all, one more.
+    assert main(["search", str(path), "--results", str(results), "search.n_trials=2"]) == 0
+    assert "s8.yaml): 2 trials asked" in capsys.readouterr().out
+    assert trials("search.n_trials=1") == 2  # a budget already used: nothing runs
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        (
+            "search.n_trials=0",
+            "command-line override: search.n_trials: input should be greater than or equal to 1 (got 0)",
+        ),
+        ("search.n_trials=2.5", "command-line override: search.n_trials: input should be a valid integer"),
+        ("search.timeout=abc", "command-line override: search.timeout: input should be a valid number"),
+        ("search.timeout=0", "command-line override: search.timeout: input should be greater than 0"),
+        ("search.sampler=random", "search.sampler: only search.n_trials and search.timeout can be set"),
+        ("search.n_trial=3", "did you mean 'search.n_trials'?"),
+    ],
+)
+def test_a_bad_budget_override_is_one_line_naming_the_key(tmp_path, capsys, override, message):
+    path = write(tmp_path, "s9", {"space": {"train.quant_lr": LR}})
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        Search(str(path), [override], tmp_path / "results")
+    assert main(["search", str(path), "--results", str(tmp_path / "results"), override]) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1
+    assert not (tmp_path / "results").exists()
+    # Suite runs do not read the search's budget: said so, not "unknown key 'search'".
+    with pytest.raises(ConfigError, match="a search setting; `qbench search` takes it"):
+        load_suite(str(path), [override])
 
 
 @pytest.mark.parametrize(
@@ -211,6 +284,10 @@ def test_a_two_objective_search_reports_its_pareto_front(tmp_path):
         (
             {"space": {"train.lr": LR}, "objective": ["jnf"]},
             "search.objective: unknown metric 'jnf'; expected one of jf,",
+        ),
+        (
+            {"space": {"train.lr": LR}, "objective": ["jf", "fps"]},
+            "search.objective: 'fps': latency is not available as an objective yet",
         ),
         (
             {"space": {"train.lr": LR}, "objective": ["jf", "size"], "pruner": "median"},
