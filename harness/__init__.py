@@ -7,7 +7,8 @@ holds it, function-level imports included, and no two modules import each other 
 2. progress, claims, memory, models: progress bars, run claims, memory peaks, SAM2 builders;
 3. quant: quantizers, attention, the policy, size accounting, export (brevitas, torch);
 4. data: dataset readers and generators;
-5. evaluate: scoring, evaluators by data kind (registry) and every metric's name (catalog);
+5. evaluate, stats: scoring, evaluators by data kind (registry) and every metric's name (catalog);
+   the bootstrap intervals of per-object scores;
 6. schema, config, tracking, estimate: run configs, suites, MLflow records, memory estimates;
    methods (the package beside harness/) sits here, on quant and errors only;
 7. train: the training loop; it is handed its intermediate evaluation, it does not reach up;

@@ -2,23 +2,31 @@
 
 Only the latest FINISHED run of each run_key in the suite's current expansion counts, so a report
 shows exactly what the suite file declares, whatever else the database holds. Runs that differ only
-in `seed` are pooled: mean ± std (ddof=1) over n runs.
+in `seed` are pooled: their mean over n runs, with the 95% bootstrap interval over sequences (COCO:
+images) of the runs' per_object.csv (harness/stats.py), and each cell's difference to the reference
+row (`report.baseline`) with its paired interval. A record without per_object.csv shows mean ± std.
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import tempfile
 import zlib
 from pathlib import Path
 
 import matplotlib
 
 matplotlib.use("Agg")  # files only: no display on servers and CI
+os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # one bar per run's per_object.csv
 import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
+from mlflow.exceptions import MlflowException  # noqa: E402
 from mlflow.tracking import MlflowClient  # noqa: E402
 
 import methods  # noqa: E402
+from harness import stats  # noqa: E402
 from harness.config import Suite  # noqa: E402
 from harness.errors import ConfigError
 from harness.evaluate import catalog  # noqa: E402
@@ -48,7 +56,7 @@ STYLE = {
     "pdf.fonttype": 42,  # TrueType in the PDF: editable text, accepted by publishers
 }
 FIGSIZE, DPI = (3.4, 2.6), 300
-ERRORBARS = {"elinewidth": 0.7, "capthick": 0.7}  # thinner than the lines: seeds' spread, not the data
+ERRORBARS = {"elinewidth": 0.7, "capthick": 0.7}  # thinner than the lines: intervals, not the data
 
 
 def report(suite: Suite, results_dir="results") -> dict[str, Path]:
@@ -64,7 +72,8 @@ def report(suite: Suite, results_dir="results") -> dict[str, Path]:
     out = Path(results_dir) / suite.name
     out.mkdir(parents=True, exist_ok=True)
     metric = _metric(table_spec["metric"], df, f"{where}.table.metric")
-    written = write_table(df, params, table_spec["rows"], table_spec["cols"], metric, out, suite.name)
+    rows, cols = table_spec["rows"], table_spec["cols"]
+    written = write_table(df, params, rows, cols, metric, out, suite.name, baseline=spec.get("baseline"), where=where)
     versions = out / "versions.md"
     lines = [f"Versions, commit and device of the {len(df)} runs this report reads (from their records).", ""]
     lines += [f"- {k}: {', '.join(v)}" for k, v in df.attrs["versions"].items()]
@@ -105,6 +114,7 @@ def load_runs(suite: Suite, results_dir) -> tuple[pd.DataFrame, list[str]]:
     df = pd.DataFrame([{**r.data.params, **r.data.metrics, "run_id": r.info.run_id} for r in runs])
     df.attrs["metrics"] = {k for r in runs for k in r.data.metrics}
     df.attrs["tracking_uri"] = f"sqlite:///{db}"
+    df.attrs["per_object"] = PerObject(df.attrs["tracking_uri"])
     df.attrs["versions"] = {
         k: sorted({r.data.tags[k] for r in runs if k in r.data.tags})
         for k in sorted({k for r in runs for k in r.data.tags if k.startswith(("version.", "git_commit", "device"))})
@@ -177,13 +187,96 @@ def _metric(alias: str, df: pd.DataFrame, where: str) -> catalog.Info:
 
 
 def _aggregate(df: pd.DataFrame, by: list[str], metric) -> pd.DataFrame:
-    """mean, std (ddof=1; NaN for n=1) and n of the scaled metric per group, in first-seen order."""
+    """mean, std (ddof=1; NaN for n=1), n and the run ids of the scaled metric per group, in first-seen order."""
     values = df.assign(value=df[metric.key] * metric.scale)
     if not by:
         values = values.assign(_all=0)
         by = ["_all"]
-    g = values.groupby(by, sort=False, dropna=False)["value"]
-    return g.agg(mean="mean", std="std", n="count").reset_index()
+    g = values.groupby(by, sort=False, dropna=False)
+    out = g["value"].agg(mean="mean", std="std", n="count")
+    out["runs"] = g["run_id"].agg(list)
+    return out.reset_index()
+
+
+class PerObject:
+    """Each run's per_object.csv artifact, read through the MLflow client once, and the pooled
+    per-object values of a group of runs; where they cannot be had, a line saying why instead."""
+
+    def __init__(self, tracking_uri: str):
+        self.client = MlflowClient(tracking_uri)
+        self.frames: dict[str, pd.DataFrame | str] = {}
+        self.cells: dict[tuple, pd.Series | str] = {}
+        self.unit = None  # "sequences" or "images", from the first frame read
+
+    def __deepcopy__(self, memo):  # pandas deep-copies attrs into every derived frame: one cache for all
+        return self
+
+    def frame(self, run_id: str) -> pd.DataFrame | str:
+        """The run's per-object frame, or why there is none."""
+        if run_id not in self.frames:
+            try:
+                if "per_object.csv" not in {f.path for f in self.client.list_artifacts(run_id)}:
+                    self.frames[run_id] = "no per_object.csv in the record"
+                else:
+                    with tempfile.TemporaryDirectory() as tmp:
+                        path = self.client.download_artifacts(run_id, "per_object.csv", tmp)
+                        self.frames[run_id] = pd.read_csv(path, dtype={"sequence": str})
+                    self.unit = self.unit or stats.unit_name(self.frames[run_id])
+            except (MlflowException, OSError, ValueError) as e:  # an unreadable artifact: no interval, no crash
+                self.frames[run_id] = f"per_object.csv unreadable ({type(e).__name__}: {e})"
+        return self.frames[run_id]
+
+    def pooled(self, df: pd.DataFrame, run_ids: list[str], metric) -> pd.Series | str:
+        """Each object's value averaged over the runs (harness.stats.pool), or why there is none."""
+        key = (metric.key, *run_ids)
+        if key not in self.cells:
+            self.cells[key] = self._pool(df, run_ids, metric)
+        return self.cells[key]
+
+    def _pool(self, df: pd.DataFrame, run_ids: list[str], metric) -> pd.Series | str:
+        runs = df.set_index("run_id")
+        found = {}
+        for run_id in run_ids:
+            frame = self.frame(run_id)
+            if isinstance(frame, str):
+                return frame
+            try:
+                v = stats.values(frame, metric.key)
+            except ValueError as e:
+                return str(e)
+            if v is None:
+                return f"{metric.key} is not a mean over objects"
+            logged = runs.at[run_id, metric.key] if metric.key in runs else float("nan")
+            # A record whose objects do not average to its logged metric is not this metric's sample.
+            if not np.isclose(v.mean(), logged, rtol=1e-9, atol=1e-9):
+                return f"per_object.csv does not average to the logged {metric.key}"
+            seed = runs.at[run_id, "seed"] if "seed" in runs else None
+            found[f"seed {seed}" if f"seed {seed}" not in found else f"run {run_id}"] = v
+        try:
+            return stats.pool(found)
+        except ValueError as e:
+            return str(e)
+
+
+def _intervals(agg: pd.DataFrame, df: pd.DataFrame, metric) -> pd.DataFrame:
+    """agg with ci_lo, ci_hi (scaled; NaN without one), units and no_ci (why there is none) per group."""
+    loader, out = df.attrs["per_object"], []
+    for runs in agg["runs"]:
+        v = loader.pooled(df, runs, metric)
+        if isinstance(v, str):
+            out.append((float("nan"), float("nan"), float("nan"), v))
+            continue
+        iv = stats.bootstrap(v)
+        out.append((iv.lo * metric.scale, iv.hi * metric.scale, iv.units, ""))
+    cols = ["ci_lo", "ci_hi", "units", "no_ci"]
+    return agg.assign(**{c: [o[i] for o in out] for i, c in enumerate(cols)})
+
+
+def _yerr(agg: pd.DataFrame) -> np.ndarray:
+    """Error bars: the 95% bootstrap interval where a group has one, else the seeds' std (0 for one run)."""
+    lo = (agg["mean"] - agg["ci_lo"]).fillna(agg["std"]).fillna(0)
+    hi = (agg["ci_hi"] - agg["mean"]).fillna(agg["std"]).fillna(0)
+    return np.clip(np.vstack([lo, hi]), 0, None)  # matplotlib refuses negative lengths
 
 
 def _short(key: str) -> str:
@@ -195,14 +288,17 @@ def _short(key: str) -> str:
 # --- table ------------------------------------------------------------------------------------------
 
 
-def table_frame(df, params, rows: str, cols: str, metric) -> pd.DataFrame:
-    """Long form: row, col, mean, std, n, delta_fp. The fp runs make the reference row, first."""
+def table_frame(df, params, rows: str, cols: str, metric, baseline=None, where="report") -> pd.DataFrame:
+    """Long form, one row per cell: row, col, mean, std, n, ci_lo, ci_hi, diff, diff_lo, diff_hi,
+    significant, reference (and runs, units, no_ci, no_diff for the notes). The fp runs make the
+    first row; differences are to the row `baseline` (default: fp if there, else best_row)."""
     fp = df["method.name"] == "fp"
     # fp's own params (e.g. the bits it ignores) do not split the quantized rows.
     extra = _splitting(df[~fp], params, [rows, cols])
     cells = _aggregate(df[~fp], [rows, *extra, cols], metric)
     cells["row"] = [", ".join([str(r[rows]), *_knobs(extra, [r[k] for k in extra])]) for _, r in cells.iterrows()]
-    cells = cells.rename(columns={cols: "col"})[["row", "col", "mean", "std", "n"]]
+    keep = ["row", "col", "mean", "std", "n", "runs"]
+    cells = cells.rename(columns={cols: "col"})[keep]
     # fp's normalized quant section (W8A8) is no column of its own when quantized runs exist.
     col_order = list(dict.fromkeys(df[~fp][cols] if (~fp).any() else df[cols]))
     if fp.any():
@@ -211,47 +307,132 @@ def table_frame(df, params, rows: str, cols: str, metric) -> pd.DataFrame:
         for col in col_order:
             at = df[fp & (df[cols] == col)]
             ref.append(_aggregate(at if len(at) else df[fp], [], metric).assign(row="fp", col=col))
-        ref = pd.concat(ref)[["row", "col", "mean", "std", "n"]]
-        cells = cells.merge(ref[["col", "mean"]].rename(columns={"mean": "fp"}), on="col", how="left")
-        cells["delta_fp"] = cells.pop("fp").rsub(cells["mean"])
-        cells = pd.concat([ref.assign(delta_fp=float("nan")), cells], ignore_index=True)
-    else:
-        cells["delta_fp"] = float("nan")
+        cells = pd.concat([pd.concat(ref)[keep], cells], ignore_index=True)
+    cells = _intervals(cells, df, metric)
+    reference = _reference(cells, baseline, metric, where)
+    at = {c: i for i, (r, c) in enumerate(zip(cells["row"], cells["col"])) if r == reference}
+    pooled, diffs = df.attrs["per_object"].pooled, []
+    for r in cells.to_dict("records"):
+        j = at.get(r["col"])
+        if j is None or r["row"] == reference:
+            diffs.append((float("nan"),) * 3 + (None, ""))
+            continue
+        ref_runs, d = cells.at[j, "runs"], r["mean"] - cells.at[j, "mean"]
+        a, b = pooled(df, r["runs"], metric), pooled(df, ref_runs, metric)
+        if isinstance(a, str) or isinstance(b, str):  # the note on cells without intervals names it
+            diffs.append((d, float("nan"), float("nan"), None, ""))
+            continue
+        try:
+            iv = stats.bootstrap(a, b)
+        except ValueError as e:  # other objects than the reference's: no paired difference
+            diffs.append((d, float("nan"), float("nan"), None, str(e)))
+            continue
+        diffs.append((d, iv.lo * metric.scale, iv.hi * metric.scale, iv.significant, ""))
+    for i, c in enumerate(["diff", "diff_lo", "diff_hi", "significant", "no_diff"]):
+        cells[c] = [d[i] for d in diffs]
+    cells["reference"] = reference
     cells["col"] = pd.Categorical(cells["col"], col_order)
     return cells
+
+
+def _reference(cells: pd.DataFrame, baseline, metric, where: str) -> str:
+    names = list(dict.fromkeys(cells["row"]))
+    if baseline is not None:
+        if str(baseline) not in names:
+            raise ConfigError(
+                f"{where}.baseline: {baseline!r} is not a row of the table; expected one of {', '.join(names)}"
+            )
+        return str(baseline)
+    return "fp" if "fp" in names else best_row(cells, metric)
+
+
+def best_row(cells: pd.DataFrame, metric) -> str:
+    """The row with a value in the most columns and, among those, the best mean of its cells
+    (highest; lowest for a lower-is-better metric), the first in table order on a tie."""
+    by_row = cells.dropna(subset=["mean"]).groupby("row", sort=False)["mean"].agg(["count", "mean"])
+    top = by_row[by_row["count"] == by_row["count"].max()]["mean"]
+    return top.idxmin() if metric.lower_is_better else top.idxmax()
 
 
 def _cell(r, decimals: int, bold: bool, tex: bool, mixed_n: bool) -> str:
     if pd.isna(r["mean"]):
         return "--" if tex else "–"
     pm = "$\\pm$" if tex else " ± "
-    s = f"{r['mean']:.{decimals}f}" + (f"{pm}{r['std']:.{decimals}f}" if r["n"] > 1 else "")
+
+    def num(v) -> str:
+        return f"{v:.{decimals}f}"
+
+    s = num(r["mean"])
+    if pd.notna(r["ci_lo"]):  # the interval's half-width; table.csv has its ends
+        s += pm + num((r["ci_hi"] - r["ci_lo"]) / 2)
+    elif r["n"] > 1:
+        s += pm + num(r["std"])
     s = (f"\\textbf{{{s}}}" if tex else f"**{s}**") if bold else s
-    if pd.notna(r["delta_fp"]):
-        d = f"{r['delta_fp']:+.{decimals}f}"
-        s += f" {{\\scriptsize ({d.replace('-', '$-$')})}}" if tex else f" ({d})"
+    if pd.notna(r["diff"]):
+        d = f"{r['diff']:+.{decimals}f}" + (
+            pm + num((r["diff_hi"] - r["diff_lo"]) / 2) if pd.notna(r["diff_lo"]) else ""
+        )
+        mark = ("$^\\dagger$" if tex else "†") if r["significant"] is True else ""
+        s += f" {{\\scriptsize ({d.replace('-', '$-$')}){mark}}}" if tex else f" ({d}){mark}"
     return s + (f" [n={r['n']}]" if mixed_n else "")
 
 
-def write_table(df, params, rows: str, cols: str, metric, out: Path, suite: str) -> dict[str, Path]:
-    cells = table_frame(df, params, rows, cols, metric)
+def _notes(cells: pd.DataFrame, metric, unit: str | None) -> list[str]:
+    """The lines under a table: what its numbers are (unit, spread, difference, resampling, seeds) and
+    which cells have no interval, and why."""
+    reference, has_ci, has_diff = cells["reference"].iloc[0], cells["ci_lo"].notna(), cells["diff_lo"].notna()
+    ppt = " in percentage points (ppt)" if metric.scale == 100 else ""
+    diff = f"(d) = difference to {reference} (ref.){ppt}"
+    if has_diff.any():
+        diff = f"(d ± h) = difference to {reference} (ref.){ppt}, paired by object, ± the half-width of its 95%"
+        diff += " interval, † where that interval excludes 0"
+    spread = "the half-width of its 95% bootstrap interval" if has_ci.any() else "std over seeds"
+    n = sorted(set(cells["n"]))
+    seeds = f"{n[0]} seed{'s' * (n[0] != 1)} per cell" if len(n) == 1 else "seeds per cell in brackets [n=...]"
+    lines = [f"{metric.label}: mean ± {spread}; {diff}; best per column in bold; {seeds}."]
+    if has_ci.any():
+        units = sorted(set(cells["units"].dropna().astype(int)))
+        count = f"{units[0]}" if len(units) == 1 else f"{units[0]} to {units[-1]}"
+        lines.append(
+            f"Intervals: percentile bootstrap, B = {stats.RESAMPLES} resamples of the {count} {unit} "
+            f"(each with all its objects and seeds), seed {stats.SEED}."
+        )
+    lacking = cells[~has_ci & cells["mean"].notna()]
+    if len(lacking):
+        why: dict[str, list[str]] = {}
+        for r in lacking.itertuples():
+            why.setdefault(r.no_ci, []).append(f"{r.row} @ {r.col}")
+        every = len(why) == 1 and not has_ci.any()
+        named = [f"{'every cell' if every else ', '.join(c)} ({w})" for w, c in why.items()]
+        lines.append(f"Without intervals (mean ± std over seeds): {'; '.join(named)}.")
+    unpaired = [f"{r.row} @ {r.col}: {r.no_diff}" for r in cells.itertuples() if r.no_diff]
+    if unpaired:
+        lines.append(f"No paired difference: {'; '.join(unpaired)}.")
+    return lines
+
+
+def write_table(
+    df, params, rows: str, cols: str, metric, out: Path, suite: str, baseline=None, where="report"
+) -> dict[str, Path]:
+    cells = table_frame(df, params, rows, cols, metric, baseline, where)
     name, decimals, label = metric.key, metric.decimals, metric.label
-    cells.rename(columns={"row": rows, "col": cols}).assign(metric=name).to_csv(out / "table.csv", index=False)
+    csv = ["row", "col", "mean", "std", "n", "ci_lo", "ci_hi", "diff", "diff_lo", "diff_hi", "significant", "reference"]
+    cells[csv].rename(columns={"row": rows, "col": cols}).assign(metric=name).to_csv(out / "table.csv", index=False)
     quant = cells["row"] != "fp"
     best = cells[quant].groupby("col", observed=True)["mean"].transform(metric.direction)
     cells["bold"] = quant & (cells["mean"] == best.reindex(cells.index))
     mixed = cells["n"].nunique() > 1
     col_order = list(cells["col"].cat.categories)
     row_order = list(dict.fromkeys(cells["row"]))
+    reference = cells["reference"].iloc[0]
     grid = {(r["row"], r["col"]): r for _, r in cells.iterrows()}
     row_leaf, col_leaf = _short(rows), _short(cols)
-    n_note = f"n = {cells['n'].iloc[0]} per cell" if not mixed else "n per cell in brackets"
-    note = f"{label}: mean ± std over seeds ({n_note}); (±d) = difference to fp; best per column in bold."
+    notes = _notes(cells, metric, df.attrs["per_object"].unit)
 
     def body(tex: bool) -> list[list[str]]:
         lines = []
         for row in row_order:
-            shown = "fp (ref.)" if row == "fp" else row
+            shown = f"{row} (ref.)" if row == reference else row
             got = [grid.get((row, c)) for c in col_order]
             lines.append(
                 [shown]
@@ -263,18 +444,20 @@ def write_table(df, params, rows: str, cols: str, metric, out: Path, suite: str)
     md.append("| " + " | ".join([f"{row_leaf} \\ {col_leaf}", *map(str, col_order)]) + " |")
     md.append("|" + "---|" + "---:|" * len(col_order))
     md += ["| " + " | ".join(line) + " |" for line in body(tex=False)]
-    (out / "table.md").write_text("\n".join([*md, "", note, ""]))
+    (out / "table.md").write_text("\n".join([*md, *(x for note in notes for x in ("", note)), ""]))
 
     def esc(s) -> str:
         return str(s).replace("\\", "\\textbackslash{}").replace("_", "\\_").replace("&", "\\&").replace("%", "\\%")
 
     k = len(col_order)
-    tex = [f"% {suite}: {note.replace('±', '+/-')}", f"\\begin{{tabular}}{{l{'c' * k}}}", "\\toprule"]
+    plain = [n.replace("±", "+/-").replace("†", "dagger") for n in notes]
+    tex = [f"% {suite}: {plain[0]}", *(f"% {n}" for n in plain[1:])]
+    tex += [f"\\begin{{tabular}}{{l{'c' * k}}}", "\\toprule"]
     tex += [f" & \\multicolumn{{{k}}}{{c}}{{{esc(col_leaf)}}} \\\\", f"\\cmidrule(lr){{2-{k + 1}}}"]
     tex += [" & ".join([esc(row_leaf), *map(esc, col_order)]) + " \\\\", "\\midrule"]
-    for line in body(tex=True):
+    for row, line in zip(row_order, body(tex=True)):
         tex.append(" & ".join([esc(line[0]), *line[1:]]) + " \\\\")
-        if line[0] == "fp (ref.)" and len(row_order) > 1:
+        if row == "fp" and len(row_order) > 1:
             tex.append("\\midrule")
     (out / "table.tex").write_text("\n".join([*tex, "\\bottomrule", "\\end{tabular}", ""]))
     return {f: out / f for f in ("table.md", "table.tex", "table.csv")}
@@ -377,11 +560,12 @@ def _series_label(key, extra: list[str]) -> str:
 
 
 def _lines(ax, df, params, x: str, metric) -> None:
-    """One line per method (and per other swept knob); fp as a dashed reference with its std band."""
+    """One line per method (and per other swept knob), with the cells' intervals as error bars; fp as a
+    dashed reference with its interval as a band."""
     fp = df["method.name"] == "fp"
     quant = df[~fp & df[x].notna()]
     extra = _splitting(quant, params, ["method.name", x])
-    agg = _aggregate(quant, ["method.name", *extra, x], metric)
+    agg = _intervals(_aggregate(quant, ["method.name", *extra, x], metric), df, metric)
     numeric = pd.api.types.is_numeric_dtype(quant[x]) and len(quant) > 0
     ticks = sorted(quant[x].unique()) if numeric else []
     scale = _x_scale(ticks) if numeric else "linear"
@@ -392,19 +576,18 @@ def _lines(ax, df, params, x: str, metric) -> None:
         s = s.sort_values(x) if numeric else s
         xs = (s[x].map(position) if scale == "even" else s[x]) if numeric else s[x].astype(str)
         st = style(str(key[0] if isinstance(key, tuple) else key))
-        ax.errorbar(
-            xs, s["mean"], yerr=s["std"].fillna(0), label=_series_label(key, extra), **st, **ERRORBARS, ls=styles[i % 4]
-        )
+        ax.errorbar(xs, s["mean"], yerr=_yerr(s), label=_series_label(key, extra), **st, **ERRORBARS, ls=styles[i % 4])
     if numeric:
         if scale == "log2":
             ax.set_xscale("log", base=2)
         ax.set_xticks([position[t] for t in ticks] if scale == "even" else ticks, [f"{t:g}" for t in ticks])
         ax.minorticks_off()
     if fp.any():
-        ref = _aggregate(df[fp], [], metric).iloc[0]
-        ax.axhline(ref["mean"], color="black", ls="--", lw=1.0, label="fp", zorder=1)
-        if ref["n"] > 1 and ref["std"] > 0:
-            ax.axhspan(ref["mean"] - ref["std"], ref["mean"] + ref["std"], color="black", alpha=0.08, lw=0)
+        ref = _intervals(_aggregate(df[fp], [], metric), df, metric)
+        ax.axhline(ref["mean"].iloc[0], color="black", ls="--", lw=1.0, label="fp", zorder=1)
+        (lo,), (hi,) = ref["mean"].to_numpy() + _yerr(ref) * [[-1], [1]]
+        if hi > lo:
+            ax.axhspan(lo, hi, color="black", alpha=0.08, lw=0)
     if x == "quant.weight_bits":
         ax.invert_xaxis()  # 8 -> 2 bits left to right in every figure, as in the tables' columns
     ax.set_xlabel({"quant.weight_bits": "weight bits", "quant.wa": "weight / activation bits"}.get(x, x))
@@ -424,7 +607,7 @@ def _x_scale(ticks) -> str:
 def _size_vs_metric(ax, df, params, metric) -> None:
     """One marker per configuration (seeds pooled); the Pareto front (smaller, better) as a step line."""
     by = [k for k in _swept(df, params) if k != "seed"]
-    agg = _aggregate(df, by, metric)
+    agg = _intervals(_aggregate(df, by, metric), df, metric)
     agg["size"] = _aggregate(df, by, catalog.RUN["size"])["mean"]
     methods = agg["method.name"] if "method.name" in agg else pd.Series([df["method.name"].iloc[0]] * len(agg))
     # Name each quantized point by what tells it apart from the others (W4, frames=8, ...).
@@ -432,7 +615,7 @@ def _size_vs_metric(ax, df, params, metric) -> None:
     for method in dict.fromkeys(methods):
         s = agg[methods.values == method]
         st = style(str(method)) | ({"marker": "*", "markersize": 7} if method == "fp" else {})
-        ax.errorbar(s["size"], s["mean"], yerr=s["std"].fillna(0), ls="none", label=str(method), **st, **ERRORBARS)
+        ax.errorbar(s["size"], s["mean"], yerr=_yerr(s), ls="none", label=str(method), **st, **ERRORBARS)
         for _, r in s.iterrows() if method != "fp" else ():
             text = ", ".join(f"W{r[k]}" if k == "quant.weight_bits" else f"{_short(k)}={r[k]}" for k in named)
             ax.annotate(text, (r["size"], r["mean"]), (3, 3), textcoords="offset points", fontsize=6, color=st["color"])

@@ -187,9 +187,20 @@ class TableCfg(Strict):
     metric: str | None = None  # None: the main metric of the suite's evaluator (J&F, mIoU)
 
 
+def _row(value):
+    # A row of the table is a method name or a value of report.table.rows; the report checks that it
+    # is one of the table's rows (known only from the records).
+    if isinstance(value, bool) or not isinstance(value, (str, int, float)) or value == "":
+        raise ValueError("expected a row of the table: a method name such as fp, or a value of report.table.rows")
+    return str(value)
+
+
 class ReportCfg(Strict):
     table: TableCfg = TableCfg()
     figures: list[str | dict[str, Any]] = []
+    # The row that differences and their paired intervals are taken against; None: fp where the
+    # suite runs it, else the best row (harness.report.best_row)
+    baseline: Annotated[Any, AfterValidator(_row)] = None
 
 
 class ExecutorCfg(Strict):

@@ -4,6 +4,7 @@ import json
 import subprocess
 import sys
 
+import pandas as pd
 import pytest
 
 from harness import models, runner
@@ -40,7 +41,15 @@ def test_a_coco_suite_runs_and_reports_miou_and_ap(tmp_path):
     summary = (results / "coco_tiny" / "summary.md").read_text()
     assert "| mIoU (%) | AP (%) | AP50 (%)" in summary and "images/s" in summary and "J&F" not in summary
     written = report(load_suite(str(path)), results)
-    assert "mIoU (%)" in written["table.md"].read_text()  # the evaluator's main metric by default
+    table = written["table.md"].read_text()
+    assert "mIoU (%)" in table  # the evaluator's main metric by default
+    # mIoU is a mean over instances: its intervals resample the images (per_object.csv's image_id).
+    assert "B = 2000 resamples of the 4 images" in table and "Without intervals" not in table
+    assert pd.read_csv(written["table.csv"])[["ci_lo", "ci_hi"]].notna().all(axis=None)
+    # AP is not: its table says so and shows mean ± std (the same runs: report sections are no part of run_key).
+    path.write_text(COCO_SUITE.replace("cols: quant.weight_bits}", "cols: quant.weight_bits, metric: ap}"))
+    ap = report(load_suite(str(path)), results)["table.md"].read_text()
+    assert "Without intervals (mean ± std over seeds): every cell (AP is not a mean over objects)." in ap
     assert "bits_vs_metric_ap.png" in written
     assert (results / "data" / "coco-n4-160x96-seed2" / "annotations" / "instances_train2017.json").is_file()
 

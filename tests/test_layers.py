@@ -11,7 +11,7 @@ LAYERS = [
     ["progress", "claims", "memory", "models"],
     ["quant"],
     ["data"],
-    ["evaluate"],
+    ["evaluate", "stats"],
     ["schema", "config", "tracking", "estimate"],
     ["train"],
     ["runner", "inspect", "pretrain", "bench"],
