@@ -2,7 +2,8 @@
 
 A suite file has `name`, `base` (any part of the run config), `seeds`, `matrix` (dotted key ->
 list of values, expanded as a cartesian product), `include` (extra runs: {dotted key: value} over
-base) and `exclude` (patterns of {dotted key: value}), `report` and `search`. Command-line
+base, each repeated over the seeds unless it names one) and `exclude` (patterns of {dotted key:
+value}), `report` and `search`. Command-line
 overrides (`quant.act_bits=8`) apply to every expanded run, last. Every run config is validated
 and default-filled before anything runs; run_key hashes that canonical form.
 """
@@ -205,12 +206,19 @@ def load_suite(name: str, overrides: list[str] | None = None) -> Suite:
         if not values:
             raise ConfigError(f"{path}: matrix.{key}: expected a non-empty list of values")
     parsed = [parse_override(o) for o in overrides or []]
+    for key, _ in parsed:
+        if key.startswith("search."):  # else refused as an unknown run-config key, which says less
+            raise ConfigError(
+                f"command-line override {key}: a search setting; `qbench search` takes it, suite runs do not"
+            )
     combos = [dict(zip(matrix, combo)) for combo in itertools.product(*matrix.values())]
     for key in {k for pattern in suite.exclude for k in pattern}:
         if not known_key(key):
             raise ConfigError(f"{path}: exclude: unknown key {key!r}")
     combos = [c for c in combos if not any(_matches_flat(c, base, p) for p in suite.exclude)]
-    combos += [dict(extra) for extra in suite.include]
+    # An extra run repeats over the suite's seeds as the matrix runs do, unless it names its seed.
+    seeds = [{"seed": v} for v in suite.seeds] if suite.seeds else [{}]
+    combos += [{**seed, **extra} for extra in suite.include for seed in ([{}] if "seed" in extra else seeds)]
     runs, seen = [], set()
     for combo in combos:
         cfg = copy.deepcopy(base)

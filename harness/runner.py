@@ -59,6 +59,19 @@ def intermediate_eval(ctx):
     return evaluate
 
 
+def fp_eval(cfg: dict, results_dir: Path):
+    """(model) -> (logged name, value) of the eval set's main metric of a model that holds no
+    quantizers yet (VRC's re-fit FP model, harness.quant.vrc)."""
+
+    def evaluate(model) -> tuple[str, float]:
+        ev = evaluators.get(cfg["data"]["eval"]["kind"])
+        main = next(m for m in ev.metrics if m.alias == ev.main)
+        _, summary = ev.evaluate(model, evaluators.dataset(cfg, "eval", results_dir), (), save_dir=None, late={})
+        return main.logged, float(summary[main.key])
+
+    return evaluate
+
+
 @contextlib.contextmanager
 def _phase(times: dict, name: str, device: str = "cpu"):
     """Time (time_<name>_s) and peak memory (peak_<name>_gib: CPU, the process's resident set;
@@ -116,6 +129,7 @@ def context(cfg: dict, results_dir: Path, checkpoint_dir: Path | None = None) ->
         QuantPolicy.from_config(cfg["quant"]),
         make_teacher=make_teacher,
         calib_feed=calib_feed,
+        evaluate_fp=fp_eval(cfg, results_dir),
         log=_log,
         artifact=_artifact,
         results_dir=results_dir,

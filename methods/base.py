@@ -47,6 +47,8 @@ class Context:
     # calib_feed(model, frames=None) runs the calibration frames (or the first `frames` of them) through a model
     calib_feed: Callable[..., object] | None = None
     train: Callable[[Method], dict] | None = None  # the runner's training loop
+    # evaluate_fp(model) -> (logged metric name, value) on the eval set, for a model with no quantizers
+    evaluate_fp: Callable[[nn.Module], tuple[str, float]] | None = None
     log: Callable[..., None] = _no_log  # log(metrics, step=None) to the run's record
     artifact: Callable[[str, str], None] = _no_artifact  # artifact(file name, text) to the run's record
     results_dir: Path | None = None
@@ -104,13 +106,21 @@ class Method:
     quantizes = True
     trains = False
     defaults: dict = {}
-    label_keys: tuple[str, ...] = ("vrc.enabled",)  # the recorded parameters `label` reads
+    label_keys: tuple[str, ...] = ("vrc.enabled", "vrc.rows")  # the recorded parameters `label` reads
+
+    @staticmethod
+    def vrc_label(params: dict) -> str | None:
+        """"VRC", "VRC-img" for its image-level reading (`rows: image_mean`), None when off."""
+        if str(params.get("vrc.enabled")) != "True":
+            return None
+        return "VRC-img" if str(params.get("vrc.rows")) == "image_mean" else "VRC"
 
     @classmethod
     def label(cls, params: dict) -> str:
         """A report's row label from a run's recorded `method.*` parameters (dotted, as MLflow
         holds them: strings; absent where the run has no such knob): "rtn + VRC"."""
-        return cls.name + (" + VRC" if str(params.get("vrc.enabled")) == "True" else "")
+        vrc_part = cls.vrc_label(params)
+        return cls.name + (f" + {vrc_part}" if vrc_part else "")
 
     def __init__(self, **params):
         unknown = sorted(set(params) - set(self.defaults))
@@ -173,6 +183,10 @@ class Method:
         bits = {d.name: d.weight_bits for d in ctx.decisions if d.quantize and d.weight_bits}
         rows = vrc.refit(ctx.student, ctx.calib_feed, self.params["vrc"], bits, seed=ctx.cfg.get("seed", 0))
         ctx.log(vrc.summary(rows))
+        if ctx.evaluate_fp is not None:
+            # The re-fit FP model before any quantizer: what VRC alone costs (or gains) on the task.
+            name, value = ctx.evaluate_fp(ctx.student)
+            ctx.log({f"vrc/fp_{name}": value})
         ctx.artifact("vrc_layers.csv", vrc.table(rows))
         return rows
 

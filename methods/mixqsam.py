@@ -3,13 +3,15 @@ Segment Anything Model", CVPR Workshops 2025).
 
 `plan` measures each quantized Linear / Conv layer's importance (KL of the mask output with the
 layer removed) and the synergy of adjacent layers on `calib_images` calibration frames
-(harness.quant.mixqsam), then picks every layer's bits b_i (weights and layer input alike) from
-`candidates` (default target - 2 .. target + 2, target = quant.weight_bits) by maximizing
-sum Omega_i b_i - `penalty` * sum S_i |b_i - b_{i+1}| under a parameter-bits budget (target x
-params) and a BOPs budget (target^2 x MACs), each at least `budget_use` used, solved exactly
-(harness.quant.allocate). Attention q/k/v and softmax keep the policy's bits. The bit map is the
-run's decisions: logged as the artifact `bit_map.csv`, stored in the packed export (which reloads
-it exactly), and quantized by the `base` method's quantizers (rtn or ptq4sam).
+(harness.quant.mixqsam; `normalize: per_image` is the paper's order, normalized over layers per
+image then averaged, `pooled` this harness's first one), then picks every layer's bits b_i (weights
+and layer input alike) from `candidates` (default target - 2 .. target + 2, target =
+quant.weight_bits) by maximizing sum Omega_i b_i - `penalty` * sum S_i |b_i - b_{i+1}| under a
+parameter-bits budget (target x params) and a BOPs budget (target^2 x MACs), each at least
+`budget_use` used, solved exactly (harness.quant.allocate). Attention q/k/v and softmax keep the
+policy's bits. The bit map is the run's decisions: logged as the artifact `bit_map.csv`, stored in
+the packed export (which reloads it exactly), and quantized by the `base` method's quantizers (rtn
+or ptq4sam).
 """
 
 from harness.errors import ConfigError
@@ -19,7 +21,15 @@ from methods.base import Context, Method, get, register
 
 @register("mixqsam")
 class MixQSAM(Method):
-    defaults = {"base": "rtn", "candidates": None, "penalty": 0.1, "eps": 0.01, "budget_use": 0.95, "calib_images": 16}
+    defaults = {
+        "base": "rtn",
+        "candidates": None,
+        "penalty": 0.1,
+        "eps": 0.01,
+        "budget_use": 0.95,
+        "calib_images": 16,
+        "normalize": "per_image",
+    }
 
     def __init__(self, **params):
         super().__init__(**params)
@@ -35,6 +45,10 @@ class MixQSAM(Method):
                 raise ConfigError(f"method.{key}: {v!r}; expected a number >= {lo}" + (f" and <= {hi}" if hi else ""))
         if not isinstance(p["calib_images"], int) or isinstance(p["calib_images"], bool) or p["calib_images"] < 1:
             raise ConfigError(f"method.calib_images: {p['calib_images']!r}; expected an integer >= 1")
+        if p["normalize"] not in mixqsam.NORMALIZATIONS:
+            raise ConfigError(
+                f"method.normalize: {p['normalize']!r}; expected one of {', '.join(mixqsam.NORMALIZATIONS)}"
+            )
         self.base = get(p["base"])
 
     def plan(self, ctx: Context) -> list:
@@ -45,9 +59,13 @@ class MixQSAM(Method):
         names, target = [d.name for d in layers], ctx.policy.weight_bits
         candidates = self.params["candidates"] or [b for b in range(target - 2, target + 3) if 2 <= b <= 16]
         n = self.params["calib_images"]
-        omega = mixqsam.importance(ctx.student, names, ctx.calib_feed, n)
+        raw = mixqsam.removal_kl(ctx.student, names, ctx.calib_feed, n)
+        omega = mixqsam.importance(raw, self.params["normalize"])
         costs = mixqsam.macs(ctx.student, names, ctx.calib_feed, n)
-        synergy = mixqsam.synergy(omega, self.params["eps"])
+        if self.params["normalize"] == "per_image":
+            synergy = mixqsam.synergy_per_image(raw, self.params["eps"])
+        else:
+            synergy = mixqsam.synergy(omega, self.params["eps"])
         params = [d.params for d in layers]
         p = self.params
         alloc = allocate.solve(omega, params, costs, synergy, candidates, target, p["penalty"], p["budget_use"])

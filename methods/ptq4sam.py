@@ -1,14 +1,17 @@
 """PTQ4SAM-style post-training quantization (Lv et al., "PTQ4SAM: Post-Training Quantization for
 Segment Anything", CVPR 2024).
 
-- BIG (`big`): in the mask decoder's token-to-image attentions, keys found bimodal on the calibration
-  frames (a kernel density estimate with two peaks) have each channel's sign folded into the key
-  and query projections before quantization; FP outputs are unchanged.
+- BIG (`big`): in the mask decoder's token-to-image attentions, keys found bimodal (a kernel
+  density estimate with two peaks; `big_detector: official` is the public code's rule on the first
+  calibration frame, `wide` this harness's first one, harness.quant.big) have each channel's sign
+  folded into the key and query projections before quantization; FP outputs are unchanged, and
+  the asymmetric key quantizer then fits one mode.
 - AGQ (`agq`): every quantized attention's post-softmax probabilities get a log2 quantizer whose
-  granularity tau (from `taus`) and scale are searched on the calibration frames against
-  || x_hat V - x V ||. This replaces the policy's softmax quantizer kind.
+  granularity tau (from `taus`) and scale (in [0.01, 1] x max, the public code's bounds) are
+  searched on the calibration frames against || x_hat V - x V ||. This replaces the policy's
+  softmax quantizer kind; an attention the calibration frames never reach is an error.
 - Weights per output channel, symmetric, with the range searched by MSE (`weight_range: mse`; `max`
-  is rtn's); activations per tensor (rtn's min-max, or a percentile).
+  is rtn's); activations per tensor, asymmetric (rtn's min-max with a zero point, or a percentile).
 - `calib_images` frames (the paper: 32) feed BIG, AGQ and reconstruction; Brevitas's activation
   calibration uses the run's `data.calib.frames`.
 - Optional block reconstruction after calibration (`recon: {enabled: true}`, the paper's BRECQ /
@@ -29,7 +32,7 @@ at 0.5); here the drop exists only as hooks inside the reconstruction loop.
 from brevitas.quant import Int8WeightPerChannelFloat
 
 from harness.errors import ConfigError
-from harness.quant import agq, reconstruct
+from harness.quant import agq, big, reconstruct
 from harness.quant.attention import Log2Quant
 from harness.quant.ptq4sam import MseWeightStep, integrate_bimodal, search_granularity
 from methods.base import Context, register
@@ -41,6 +44,7 @@ class PTQ4SAM(RTN):
     defaults = {
         **{k: v for k, v in RTN.defaults.items() if k != "vrc"},
         "big": True,
+        "big_detector": "official",
         "agq": True,
         "taus": list(agq.TAUS),
         "weight_range": "mse",
@@ -54,6 +58,8 @@ class PTQ4SAM(RTN):
         for key in ("big", "agq"):
             if not isinstance(p[key], bool):
                 raise ConfigError(f"method.{key}: {p[key]!r}; expected true or false")
+        if p["big_detector"] not in big.DETECTORS:
+            raise ConfigError(f"method.big_detector: {p['big_detector']!r}; expected one of {', '.join(big.DETECTORS)}")
         if not (isinstance(p["taus"], list) and p["taus"] and all(isinstance(t, int) and t > 0 for t in p["taus"])):
             raise ConfigError(f"method.taus: {p['taus']!r}; expected a list of positive integers, e.g. [1, 2, 4]")
         if p["weight_range"] not in ("mse", "max"):
@@ -70,13 +76,14 @@ class PTQ4SAM(RTN):
         return Int8WeightPerChannelFloat.let(bit_width=bits, scaling_impl=MseWeightStep)
 
     def softmax_quant(self, bits, kind):
-        return Log2Quant(bits) if self.params["agq"] else super().softmax_quant(bits, kind)
+        return Log2Quant(bits, needs_fit=True) if self.params["agq"] else super().softmax_quant(bits, kind)
 
     def quantize(self, ctx: Context) -> None:
         if self.params["big"]:
             if ctx.calib_feed is None:
                 raise ConfigError("method.big: BIG needs calibration data (this run has no calibration feed)")
-            folded = integrate_bimodal(ctx.student, ctx.calib_feed, self.params["calib_images"])
+            p = self.params
+            folded = integrate_bimodal(ctx.student, ctx.calib_feed, p["calib_images"], p["big_detector"])
             ctx.log({"big/bimodal_modules": float(sum(folded.values())), "big/modules": float(len(folded))})
         super().quantize(ctx)
 

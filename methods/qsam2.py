@@ -5,7 +5,8 @@
   in closed form from the calibration frames (harness.quant.vrc), then rtn's min-max quantizers.
 - `qsam2`: VRC as initialization, then QAT with LSC clips (harness.quant.lsc): weights per output
   channel and activations (layer inputs, attention q/k/v, post-softmax probabilities) per tensor,
-  clip = alpha * running statistic with momentum `lsc.momentum`, alpha learned with PACT's clip
+  clip = alpha * running statistic with momentum `lsc.momentum` (updated once per optimizer step;
+  `lsc.update: call` moves it at every forward call, this harness's first reading), alpha learned with PACT's clip
   gradient at `lsc.lr` (None: train.quant_lr). Where LSC is switched off (`lsc.weights`,
   `lsc.acts`), that tensor gets rtn's min-max quantizer, not learned (the weights still train):
   the parts ablation (VRC only, LSC only, both) changes one thing at a time.
@@ -14,16 +15,23 @@ Weights use the full signed code range (2-bit: -2..1, as LSQ). The paper's text 
 not every constant; the knobs and their defaults are ours (../shared/METHODS.md).
 """
 
-from brevitas.core.stats import StatsOp
 from brevitas.quant import Int8ActPerTensorFloat, Int8WeightPerChannelFloat, Uint8ActPerTensorFloat
 
 from harness.errors import ConfigError
 from harness.quant.learned import ClipIntQuant, LearnedIntQuant
-from harness.quant.lsc import STATISTICS, LscActClip, LscWeightClip
+from harness.quant.lsc import STATISTICS, UPDATES, LscActClip, LscWeightClip, end_step
 from methods.base import Method, register
-from methods.rtn import RTN
+from methods.rtn import RTN, range_act
 
-LSC_DEFAULTS = {"weights": True, "acts": True, "momentum": 0.9, "stat": "std", "alpha_init": "mse", "lr": None}
+LSC_DEFAULTS = {
+    "weights": True,
+    "acts": True,
+    "momentum": 0.9,
+    "stat": "std",
+    "alpha_init": "mse",
+    "lr": None,
+    "update": "step",
+}
 
 
 def _check_lsc(p) -> dict:
@@ -44,6 +52,7 @@ def _check_lsc(p) -> dict:
         "stat": (lambda v: v in STATISTICS, " or ".join(map(repr, STATISTICS))),
         "alpha_init": (lambda v: v in ("max", "mse") or (num(v) and v > 0), "'max', 'mse' or a number > 0"),
         "lr": (lambda v: v is None or (num(v) and v > 0), "null or a number > 0"),
+        "update": (lambda v: v in UPDATES, " or ".join(map(repr, UPDATES))),
     }
     for key, (ok, expected) in checks.items():
         if not ok(p[key]):
@@ -64,12 +73,12 @@ class QSam2(Method):
 
     trains = True
     defaults = {"vrc": {"enabled": True}, "lsc": {}}
-    label_keys = ("vrc.enabled", "lsc.weights", "lsc.acts")
+    label_keys = ("vrc.enabled", "vrc.rows", "lsc.weights", "lsc.acts")
 
     @classmethod
     def label(cls, params: dict) -> str:
         """The Q-SAM2 parts a run uses: "qsam2 (VRC+LSC)", "qsam2 (LSC-W)", "qsam2 (min-max QAT)"."""
-        vrc = ["VRC"] if str(params.get("vrc.enabled")) == "True" else []
+        vrc = [v for v in [cls.vrc_label(params)] if v]
         lsc = [p for p, key in (("W", "lsc.weights"), ("A", "lsc.acts")) if str(params.get(key)) == "True"]
         parts = vrc + (["LSC"] if len(lsc) == 2 else [f"LSC-{p}" for p in lsc])
         return f"qsam2 ({'+'.join(parts) or 'min-max QAT'})"
@@ -80,7 +89,12 @@ class QSam2(Method):
 
     def _lsc(self):
         p = self.params["lsc"]
-        return {"lsc_momentum": float(p["momentum"]), "lsc_stat": p["stat"], "lsc_alpha_init": p["alpha_init"]}
+        return {
+            "lsc_momentum": float(p["momentum"]),
+            "lsc_stat": p["stat"],
+            "lsc_alpha_init": p["alpha_init"],
+            "lsc_update": p["update"],
+        }
 
     def weight_quant(self, bits):
         if not self.params["lsc"]["weights"]:
@@ -90,9 +104,9 @@ class QSam2(Method):
         )
 
     def _act(self, bits, signed):
-        base = Int8ActPerTensorFloat if signed else Uint8ActPerTensorFloat
         if not self.params["lsc"]["acts"]:
-            return base.let(bit_width=bits, scaling_stats_op=StatsOp.MAX, int_quant=LearnedIntQuant)
+            return range_act(bits, signed=False)  # rtn's: asymmetric min-max
+        base = Int8ActPerTensorFloat if signed else Uint8ActPerTensorFloat
         return base.let(
             bit_width=bits, narrow_range=False, scaling_impl=LscActClip, int_quant=ClipIntQuant, **self._lsc()
         )
@@ -102,6 +116,9 @@ class QSam2(Method):
 
     def prob_quant(self, bits):
         return self._act(bits, signed=False)
+
+    def on_step(self, model, step):
+        end_step(model)  # LSC's running statistics move once per optimizer step
 
     def param_groups(self, model):
         """The layers' own parameters, and the LSC alphas; rtn's scales (LSC switched off) stay fixed."""

@@ -37,3 +37,18 @@ def test_the_harness_log2_quantizer_keeps_a_searched_tau_and_scale_in_its_state(
     fresh.load_state_dict(searched.state_dict())
     x = torch.rand(5, 7).softmax(-1)
     assert torch.equal(fresh(x), agq.log2_quantize(x, 0.8, 4, 3)) and float(fresh.tau) == 4
+
+
+def test_search_reaches_scales_far_below_the_maximum_for_a_flat_attention():
+    # 255 flat rows (64 tokens, probabilities near 1/64) and one peaked row that sets the maximum: at 4
+    # bits with tau 4 the levels reach s * 2^(-15/4) only, so the bulk needs s far below the max.
+    gen = torch.Generator().manual_seed(0)
+    flat = (torch.randn(255, 64, generator=gen) * 0.3).softmax(-1)
+    peaked = torch.zeros(1, 64).index_fill_(1, torch.tensor([0]), 6.0).softmax(-1)
+    probs, values = [torch.cat([flat, peaked])], [torch.randn(64, 8, generator=gen)]
+    top = float(probs[0].max())
+    tau, scale, err = agq.search(probs, values, bits=4, taus=(4,))
+    narrow = agq.search(probs, values, bits=4, taus=(4,), low=0.72)  # the first form's range, [0.72, 1] x max
+    assert scale < 0.72 * top and narrow[1] >= 0.72 * top * (1 - 1e-6)
+    assert err < narrow[2]
+    assert agq.LOW * top <= scale

@@ -34,7 +34,7 @@ def test_every_attention_module_has_its_own_active_quantizers():
     assert all(isinstance(m, QuantAttentionMixin) for m in attn.values())
     quantizers = [getattr(m, q) for m in attn.values() for q in ("q_quant", "k_quant", "v_quant", "softmax_quant")]
     assert len({id(q) for q in quantizers}) == len(quantizers) == 4 * 19
-    scales = [p for q in quantizers for p in q.parameters()]
+    scales = [t for q in quantizers for t in (*q.parameters(), *q.buffers())]
     assert len({id(p) for p in scales}) == len(scales) > 0
     hiera = [n for n in attn if n.startswith("image_encoder")]
     # Calibration saw different tensors in each module: their scales differ.
@@ -130,6 +130,28 @@ def test_all_active_check(davis_root):
     starved, decisions = _quantized(QuantPolicy(scope=["image_encoder", "memory_attention"]))
     with pytest.raises(state.QuantStateError, match="memory_attention.* was never calibrated"):
         state.check_all_active(starved, decisions)
+
+
+def test_all_active_check_refuses_training_mode_unfitted_log2_and_bits_off_the_plan():
+    import dataclasses
+
+    model, decisions = _quantized(QuantPolicy(scope=["image_encoder"]))
+    model.train()
+    with pytest.raises(state.QuantStateError, match="the model .* is in training mode"):
+        state.check_all_active(model, decisions)
+    model.eval()
+    # A quantizer built at other bits than its decision says (a bit map applied to the wrong model).
+    name = "image_encoder.trunk.blocks.3.mlp.layers.0"
+    off = [dataclasses.replace(d, act_bits=6) if d.name == name else d for d in decisions]
+    with pytest.raises(state.QuantStateError, match=rf"{name}\.input_quant has 8 bits, its decision 6"):
+        state.check_all_active(model, off)
+    # A log2 softmax quantizer that AGQ was to fit and never did keeps s = 1, tau = 1.
+    attn = model.get_submodule("image_encoder.trunk.blocks.0.attn")
+    attn.softmax_quant = Log2Quant(8, needs_fit=True).eval()
+    with pytest.raises(state.QuantStateError, match=r"blocks\.0\.attn\.softmax_quant was never fitted"):
+        state.check_all_active(model, decisions)
+    attn.softmax_quant.fitted.fill_(True)
+    state.check_all_active(model, decisions)
 
 
 def test_eval_weight_cache_matches_brevitas_and_follows_weight_changes():

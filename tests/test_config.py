@@ -39,12 +39,13 @@ base: {method: {name: rtn}}
 seeds: [0, 1]
 matrix: {quant.weight_bits: [8, 4]}
 exclude: [{quant.weight_bits: 4, seed: 1}]
-include: [{quant.weight_bits: 2, quant.act_bits: 6}]
+include: [{quant.weight_bits: 2, quant.act_bits: 6}, {quant.weight_bits: 2, quant.act_bits: 4, seed: 1}]
 """,
     )
     runs = load_suite(path).runs
     got = sorted((r.config["quant"]["weight_bits"], r.config["quant"]["act_bits"], r.config["seed"]) for r in runs)
-    assert got == [(2, 6, 0), (4, 8, 0), (8, 8, 0), (8, 8, 1)]
+    # An extra run repeats over the seeds, unless it names its own.
+    assert got == [(2, 4, 1), (2, 6, 0), (2, 6, 1), (4, 8, 0), (8, 8, 0), (8, 8, 1)]
 
 
 def test_env_interpolation(tmp_path, monkeypatch):
@@ -73,7 +74,7 @@ def test_env_interpolation(tmp_path, monkeypatch):
         ("base:\n  train: {lr: -1}\n", r"train.lr: input should be greater than 0"),
         (
             "base:\n  method: {name: rtn, act_stat: median}\n",
-            r"method.act_stat: 'median'; expected 'max' or 'percentile'",
+            r"method.act_stat: 'median'; expected one of max, mean_max, percentile",
         ),
         (
             "base:\n  method: {name: rtn, act_sat: max}\n",

@@ -94,11 +94,11 @@ def _check_size(path, model, fp_bytes):
     stored = [*ckpt["tensors"].values(), *(v for r in ckpt["layers"].values() for v in r.values())]
     data = sum(t.nbytes for t in stored if isinstance(t, torch.Tensor))
     assert data == model_size(model, fp_bytes=fp_bytes)["packed_bytes"]
-    # The pickle holds every tensor's name (~40 KB for sam2_small's ~770 tensors), shape and
-    # offset, and meta (the per-module decisions: ~30 KB).
+    # The pickle holds every tensor's name (~60 KB for sam2_small's ~1300 tensors), shape and
+    # offset (under 64 B each), and meta (the per-module decisions: ~30 KB).
     names = sum(map(len, ckpt["tensors"])) + sum(map(len, ckpt["layers"])) + len(json.dumps(ckpt["meta"]))
     overhead = path.stat().st_size - data
-    assert 0 < overhead <= 0.02 * data + 64 * 1024 + names
+    assert 0 < overhead <= 0.02 * data + 64 * 1024 + names + 64 * len(stored)
     return path.stat().st_size
 
 
@@ -113,8 +113,11 @@ def test_export_load_is_exact(bits, quantized, frames, tmp_path):
     assert all(torch.equal(a, b) for a, b in zip(feats, feats2))
     assert all(np.array_equal(a, b) for a, b in zip(preds, preds2))
     assert preds[0].any()  # a real mask, not an empty one
-    # Activation scales are final: eval never goes back to the statistics buffer.
-    assert all(m.counter > m.collect_stats_steps for m in loaded.modules() if hasattr(m, "collect_stats_steps"))
+    # Activation scales are final: eval never goes back to the statistics buffer. (The memory
+    # path's quantizers, which single images never reach, stay uncalibrated, as in the exported model.)
+    stats = {n: m for n, m in loaded.named_modules() if hasattr(m, "collect_stats_steps")}
+    final = {n for n, m in stats.items() if m.counter > m.collect_stats_steps}
+    assert final and all(n.startswith(("memory_attention.", "memory_encoder.")) for n in set(stats) - final)
     _check_size(tmp_path / "q.pt", model, fp_bytes=4)
 
 

@@ -35,6 +35,17 @@ def test_synergy_and_kl_by_hand():
     assert mixqsam.kl(logits, [logits[1], logits[1]]) == pytest.approx(expected, rel=1e-5)
 
 
+def test_importance_and_synergy_normalized_per_image_or_pooled_by_hand():
+    raw = torch.tensor([[1.0, 10.0], [3.0, 10.0]])  # layers x images
+    # per image: [0.5, 1.5] and [1, 1] (each over its mean), averaged; pooled: [5.5, 6.5] / 6.
+    assert mixqsam.importance(raw, "per_image") == pytest.approx([0.75, 1.25])
+    assert mixqsam.importance(raw, "pooled") == pytest.approx([5.5 / 6, 6.5 / 6])
+    # S per image 1 / (1 + 0.5) and 1 / (0 + 0.5), averaged before the log.
+    assert mixqsam.synergy_per_image(raw, eps=0.5) == pytest.approx([math.log(1 + (1 / 1.5 + 2) / 2)])
+    # An image no removal changes counts every layer alike rather than dividing by zero.
+    assert mixqsam.importance(torch.tensor([[0.0, 2.0], [0.0, 6.0]])) == pytest.approx([0.75, 1.25])
+
+
 def test_mixqsam_plan_meets_both_budgets_and_reloads_exactly(davis, tmp_path):
     torch.manual_seed(0)
     model = models.build("sam2_small", device="cpu")

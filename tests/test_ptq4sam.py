@@ -201,3 +201,15 @@ def test_bad_reconstruction_settings_are_one_line_errors(bad):
     with pytest.raises(ConfigError, match=rf"method\.recon\.{next(iter(bad))}: ") as e:
         methods.get("ptq4sam", recon={"enabled": True, **bad})
     assert "\n" not in str(e.value)
+
+
+def test_agq_refuses_an_attention_the_calibration_frames_never_reach():
+    torch.manual_seed(0)
+    model = models.build("sam2_small", device="cpu")
+    images = torch.rand(1, 3, 128, 128, generator=torch.Generator().manual_seed(0))
+    policy = QuantPolicy(weight_bits=8, act_bits=8, scope=["image_encoder", "memory_attention"])
+    # Single images never run memory attention: its log2 quantizers would keep s = 1, tau = 1.
+    with pytest.raises(
+        ConfigError, match=r"method.agq: attention memory_attention\.layers\.0\.\S+ \(\+3 more\) never ran"
+    ):
+        methods.ptq(methods.get("ptq4sam", big=False), model, policy, lambda m, frames=None: m.image_encoder(images))

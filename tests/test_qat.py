@@ -271,6 +271,8 @@ def test_short_lsq_w2a8_run_beats_rtn_w2a8(tmp_path):
         if r.data.params.get("method.name") == "qsam2"
     ]
     assert run.data.metrics["vrc/std_after"] < run.data.metrics["vrc/std_before"]
+    # The re-fit FP model's J&F, before any quantizer: VRC's own effect on the task.
+    assert 0 < run.data.metrics["vrc/fp_J_F-mean"] <= 1
     layers = client.download_artifacts(run.info.run_id, "vrc_layers.csv", str(tmp_path))
     assert Path(layers).read_text().startswith("layer,d_in,d_out,images,rows,rank,std_before")
     written = report(load_suite(str(path)), results)

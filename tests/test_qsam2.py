@@ -11,7 +11,7 @@ from harness import models, runner
 from harness.config import load_suite
 from harness.data import synthetic
 from harness.errors import ConfigError
-from harness.quant import swap, vrc
+from harness.quant import lsc, swap, vrc
 from harness.quant.lsc import LscActClip, LscWeightClip
 from harness.quant.policy import Decision
 
@@ -104,8 +104,8 @@ def test_vrc_switch_survives_the_round_trip_through_a_run_config(name, on):
     assert ("vrc" in methods.get(name, vrc={"enabled": False}).params) is on
 
 
-def _lsc_identity(momentum, data):
-    quant = methods.get("qsam2", lsc={"momentum": momentum, "alpha_init": "max"}).act_quant(4)
+def _lsc_identity(momentum, data, update="step"):
+    quant = methods.get("qsam2", lsc={"momentum": momentum, "alpha_init": "max", "update": update}).act_quant(4)
     m = QuantIdentity(act_quant=quant, return_quant_tensor=False)
     with torch.no_grad(), calibration_mode(m):
         for batch in data:
@@ -125,15 +125,35 @@ def test_lsc_running_statistic_follows_the_momentum_formula(momentum):
     absmax = torch.cat(calib).abs().max()
     assert (clip.alpha * clip.sigma).item() == pytest.approx(absmax.item(), rel=1e-5)  # starts at min-max
     for scale in (0.5, 2.0, 4.0):
-        x = torch.randn(300, generator=gen) * scale
-        m(x)
-        sigma = momentum * sigma + (1 - momentum) * x.std(correction=0)
+        # One optimizer step that calls the quantizer twice (two frames through memory attention):
+        # the statistic holds still during the step and then moves once, by the calls' mean.
+        xs = [torch.randn(300, generator=gen) * scale, torch.randn(300, generator=gen) * 2 * scale]
+        for x in xs:
+            m(x)
+            assert clip.sigma.item() == pytest.approx(sigma.item(), rel=1e-5)
+        assert lsc.end_step(m) == 1 and lsc.end_step(m) == 0  # nothing new since
+        step_stat = sum(x.std(correction=0) for x in xs) / 2
+        sigma = momentum * sigma + (1 - momentum) * step_stat
         assert clip.sigma.item() == pytest.approx(sigma.item(), rel=1e-5)
         if momentum == 0:
-            assert clip.sigma.item() == pytest.approx(x.std(correction=0).item(), rel=1e-5)
+            assert clip.sigma.item() == pytest.approx(step_stat.item(), rel=1e-5)
     with torch.no_grad():
         m.eval()(torch.randn(300) * 100)  # evaluation leaves the statistic alone
     assert clip.sigma.item() == pytest.approx(sigma.item(), rel=1e-5)
+
+
+def test_lsc_per_call_update_moves_the_statistic_at_every_forward():
+    gen = torch.Generator().manual_seed(0)
+    m, clip = _lsc_identity(0.5, [torch.randn(500, generator=gen)], update="call")
+    sigma = clip.sigma.item()
+    for scale in (2.0, 4.0):
+        x = torch.randn(300, generator=gen) * scale
+        m(x)
+        sigma = 0.5 * sigma + 0.5 * x.std(correction=0).item()
+        assert clip.sigma.item() == pytest.approx(sigma, rel=1e-5)
+    assert lsc.end_step(m) == 0  # nothing left for the step's end
+    with pytest.raises(ConfigError, match=r"method.lsc.update: 'epoch'; expected 'step' or 'call'"):
+        methods.get("qsam2", lsc={"update": "epoch"})
 
 
 def test_lsc_alpha_receives_the_clipping_gradient():
@@ -142,7 +162,7 @@ def test_lsc_alpha_receives_the_clipping_gradient():
         clip.alpha.fill_(0.8)
     x = torch.tensor([-3.0, 2.5, 0.9, 0.1, -0.4, 1.7, -1.2], requires_grad=True)
     upstream = torch.tensor([0.3, -1.0, 2.0, 0.5, 1.5, 0.7, -0.2])
-    sigma = 0.5 * clip.sigma.item() + 0.5 * x.detach().std(correction=0).item()
+    sigma = clip.sigma.item()  # the clip of a step uses the statistic of the steps before it
     out = m(x)
     (out * upstream).sum().backward()
     c = 0.8 * sigma
@@ -170,14 +190,16 @@ def test_lsc_weight_clip_per_channel_momentum_and_gradient():
     with torch.no_grad():
         layer.weight.mul_(torch.tensor([[1.0], [2.0], [0.5]]))
     wq = layer.quant_weight().value
-    expected = 0.9 * w.std(1, correction=0) + 0.1 * layer.weight.detach().std(1, correction=0)
-    assert torch.allclose(clip.sigma.reshape(-1), expected)
+    assert torch.allclose(clip.sigma.reshape(-1), w.std(1, correction=0))  # moves at the step's end
     upstream = torch.randn(3, 8)
     (wq * upstream).sum().backward()
     c = (clip.alpha * clip.sigma).detach()
     v = layer.weight.detach() / c  # 2-bit full range: codes -2..1, step c / 1
     side = (v > 1).float() - 2 * (v < -2).float()
     assert torch.allclose(clip.alpha.grad, (upstream * side).sum(1, keepdim=True) * clip.sigma, atol=1e-6)
+    assert lsc.end_step(model) == 1
+    expected = 0.9 * w.std(1, correction=0) + 0.1 * layer.weight.detach().std(1, correction=0)
+    assert torch.allclose(clip.sigma.reshape(-1), expected)
 
 
 DAVIS_SUITES = {
@@ -244,6 +266,14 @@ def test_a_methods_label_names_the_parts_each_run_uses():
         ({"method.name": "rtn", "method.vrc.enabled": nan}, "rtn"),
         ({"method.name": "rtn", "method.vrc.enabled": "True"}, "rtn + VRC"),
         ({"method.name": "qsam2", "method.vrc.enabled": "True", **on}, "qsam2 (VRC+LSC)"),
+        (
+            {"method.name": "qsam2", "method.vrc.enabled": "True", "method.vrc.rows": "image_mean", **on},
+            "qsam2 (VRC-img+LSC)",
+        ),
+        (
+            {"method.name": "qsam2_vrc", "method.vrc.enabled": "True", "method.vrc.rows": "image_mean"},
+            "qsam2_vrc + VRC-img",
+        ),
         ({"method.name": "qsam2", "method.vrc.enabled": "False", **on}, "qsam2 (LSC)"),
         ({"method.name": "qsam2", "method.vrc.enabled": "True", **off, "method.lsc.acts": "False"}, "qsam2 (VRC)"),
         ({"method.name": "qsam2", "method.vrc.enabled": "False", **off, "method.lsc.acts": "True"}, "qsam2 (LSC-A)"),

@@ -102,12 +102,13 @@ def test_packed_size_of_one_layer_by_hand():
     model = nn.Sequential(nn.Linear(64, 32), nn.LayerNorm(32))
     methods.ptq(methods.get("rtn"), model, QuantPolicy(weight_bits=4, act_bits=8, scope=["0"], keep_fp=[]))
     size = model_size(model)
-    # weight codes 32*64*4/8 = 1024 B, 32 per-channel scales * 2 B = 64 B, one activation scale 2 B;
+    # weight codes 32*64*4/8 = 1024 B, 32 per-channel scales * 2 B = 64 B; the asymmetric input
+    # quantizer: scale and zero point 2 B each, its calibrated flag 1 B;
     # FP in BF16: bias 32 + LayerNorm 64 parameters = 96 * 2 B = 192 B.
-    assert size["packed_bytes"] == 1024 + 64 + 2 + 192
+    assert size["packed_bytes"] == 1024 + 64 + 5 + 192
     assert size["bf16_bytes"] == (2048 + 32 + 64) * 2
     assert size["quantized_params"] == 2048
-    assert math.isclose(size["quantized_ratio_vs_bf16"], 2048 * 2 / (1024 + 64 + 2))
+    assert math.isclose(size["quantized_ratio_vs_bf16"], 2048 * 2 / (1024 + 64 + 5))
     assert math.isclose(size["bits_per_weight"], (2048 * 4 + 96 * 16) / 2144)
 
 

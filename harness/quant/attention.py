@@ -32,13 +32,16 @@ class Log2Quant(nn.Module):
     x_int = round(-tau * log2(x / s)), x_hat = s * 2^(-x_int / tau) for x_int in [0, 2^b - 1], and 0
     for entries past the range (harness.quant.agq.log2_quantize); straight-through gradient. tau and
     s are buffers, so a per-module choice (AGQ's search) is saved with the model and its export.
+    `needs_fit`: tau and s are to be fitted (AGQ), and the all-active check refuses the quantizer
+    until `fitted` is set; otherwise s = 1 (probabilities are at most 1) and tau as given.
     """
 
-    def __init__(self, bits: int, tau: float = 1.0):
+    def __init__(self, bits: int, tau: float = 1.0, needs_fit: bool = False):
         super().__init__()
-        self.bits = bits
+        self.bits, self.needs_fit = bits, needs_fit
         self.register_buffer("tau", torch.tensor(float(tau)))
         self.register_buffer("scale", torch.ones(()))
+        self.register_buffer("fitted", torch.tensor(not needs_fit))
         self.disable_quant = False
 
     @property
@@ -128,3 +131,5 @@ def quantize_attention(module: nn.Module, qkv_quant, softmax_quant: nn.Module) -
     for name in ("q_quant", "k_quant", "v_quant"):
         setattr(module, name, QuantIdentity(act_quant=qkv_quant, return_quant_tensor=False).to(device))
     module.softmax_quant = softmax_quant.to(device)
+    for name in ("q_quant", "k_quant", "v_quant", "softmax_quant"):
+        getattr(module, name).train(module.training)  # new modules start in training mode

@@ -2,8 +2,13 @@
 for Segment Anything Model 2", arXiv 2506.09782, 2025), as Brevitas scaling modules.
 
 Our reading of the paper (../shared/METHODS.md): the clip is c = alpha * sigma_hat, sigma_hat a
-running statistic of the tensor (`std`, `absmean` or `absmax`) updated at every training forward
-as sigma_hat_t = m * sigma_hat_{t-1} + (1 - m) * stat(x_t) (m = 0: the batch's own statistic),
+running statistic of the tensor (`std`, `absmean` or `absmax`) updated once per optimizer step t
+as sigma_hat_t = m * sigma_hat_{t-1} + (1 - m) * stat_t, stat_t the mean of stat(x) over the
+step's training forward calls (Q-SAM2's `on_step`), so that one momentum means one per-step
+momentum in every module, whether a step calls it once (the image encoder) or once per frame
+(memory attention, the memory encoder). Within step t the clip uses sigma_hat_{t-1}; m = 0 is
+the previous step's own statistic. `update: call` (this harness's first reading) moves sigma_hat
+at every training forward call instead.
 alpha learned through the clamp with PACT's gradient (harness.quant.learned.ClipIntQuant), step
 c / Qp. Weights: per output channel, initialized on the first forward from the layer's weight.
 Activations: per tensor, initialized from the calibration batches (sigma_hat: the batches' mean
@@ -23,6 +28,7 @@ from harness.quant.learned import EPS, _CalibratedAct, _reduce_dims, int_range
 from harness.quant.recompute import statistics_frozen
 
 STATISTICS = ("std", "absmean", "absmax")
+UPDATES = ("step", "call")  # when sigma_hat moves: once per optimizer step, or at every forward call
 MSE_GRID = 40  # clip candidates f * max|x|, f in (0, 1]
 
 
@@ -54,9 +60,14 @@ def statistic(x: Tensor, name: str, dims: list[int] | None = None) -> Tensor:
 class _Lsc(nn.Module):
     """What the weight and activation clips share: alpha, sigma_hat, the momentum update and the clip."""
 
-    def _setup(self, shape, bit_width, signed, narrow_range, momentum, stat, alpha_init):
+    def _setup(self, shape, bit_width, signed, narrow_range, momentum, stat, alpha_init, update):
         self.qn, self.qp = int_range(bit_width, signed, narrow_range)
-        self.lsc_momentum, self.stat, self.alpha_init = float(momentum), stat, alpha_init
+        self.lsc_momentum, self.stat, self.alpha_init, self.per_call = (
+            float(momentum),
+            stat,
+            alpha_init,
+            update == "call",
+        )
         self.alpha = nn.Parameter(torch.ones(shape))
         self.register_buffer("sigma", torch.ones(shape))
 
@@ -75,16 +86,28 @@ class _Lsc(nn.Module):
 
     @torch.no_grad()
     def update(self, x: Tensor, dims: list[int] | None = None) -> None:
-        """sigma_hat <- m * sigma_hat + (1 - m) * stat(x): one training batch. Micro-batches after
-        the first of a step leave it (harness.quant.recompute), as one unsplit batch would."""
+        """Adds stat(x) to this step's statistic; `end_step` applies it. Micro-batches after the
+        first of a step, and the re-run of a checkpointed block, leave it (harness.quant.recompute)."""
         if statistics_frozen():
             return
         now = statistic(x.detach().float(), self.stat, dims).reshape(self.sigma.shape)
-        self.sigma.mul_(self.lsc_momentum).add_((1 - self.lsc_momentum) * now)
+        total, calls = self.__dict__.get("_step_stat", (0.0, 0))
+        self.__dict__["_step_stat"] = (total + now, calls + 1)
+        if self.per_call:
+            self.end_step()
+
+    @torch.no_grad()
+    def end_step(self) -> bool:
+        """sigma_hat <- m * sigma_hat + (1 - m) * (the mean statistic of this step's calls); whether it moved."""
+        total, calls = self.__dict__.pop("_step_stat", (0.0, 0))
+        if not calls:
+            return False
+        self.sigma.mul_(self.lsc_momentum).add_((1 - self.lsc_momentum) * total / calls)
+        return True
 
     def current(self) -> Tensor:
-        # A copy of sigma_hat: the backward of this forward needs today's value, and the buffer is
-        # updated in place (DDP broadcasts buffers by identity) by the forwards that follow.
+        # A copy of sigma_hat: the buffer is updated in place (DDP broadcasts buffers by identity)
+        # after the backward that needs this value.
         return (self.alpha * self.sigma.clone()).clamp_min(EPS)
 
     def clip(self) -> Tensor | None:
@@ -95,12 +118,19 @@ class _Lsc(nn.Module):
         return self.current().detach() / self.qp
 
 
+def end_step(model: nn.Module) -> int:
+    """Apply every LSC statistic of the optimizer step that just ended; returns how many moved."""
+    return sum(m.end_step() for m in model.modules() if isinstance(m, _Lsc))
+
+
 class LscWeightClip(_Lsc):
     """LSC clip of a layer's weight, per output channel (Q-SAM2, Farronato et al. 2025)."""
 
-    def __init__(self, scaling_shape, bit_width, signed, narrow_range, lsc_momentum, lsc_stat, lsc_alpha_init):
+    def __init__(
+        self, scaling_shape, bit_width, signed, narrow_range, lsc_momentum, lsc_stat, lsc_alpha_init, lsc_update="step"
+    ):
         super().__init__()
-        self._setup(scaling_shape, bit_width, signed, narrow_range, lsc_momentum, lsc_stat, lsc_alpha_init)
+        self._setup(scaling_shape, bit_width, signed, narrow_range, lsc_momentum, lsc_stat, lsc_alpha_init, lsc_update)
         self.register_buffer("initialized", torch.zeros((), dtype=torch.bool))
 
     def forward(self, x: Tensor, threshold: Tensor | None = None) -> Tensor:
@@ -118,9 +148,9 @@ class LscActClip(_CalibratedAct, _Lsc):
     """LSC clip of an activation, per tensor (Q-SAM2, Farronato et al. 2025); calibrated like the
     harness's other learned activation quantizers (Brevitas's calibration_mode)."""
 
-    def __init__(self, bit_width, signed, narrow_range, lsc_momentum, lsc_stat, lsc_alpha_init):
+    def __init__(self, bit_width, signed, narrow_range, lsc_momentum, lsc_stat, lsc_alpha_init, lsc_update="step"):
         super().__init__()
-        self._setup((), bit_width, signed, narrow_range, lsc_momentum, lsc_stat, lsc_alpha_init)
+        self._setup((), bit_width, signed, narrow_range, lsc_momentum, lsc_stat, lsc_alpha_init, lsc_update)
         self.wants_samples = lsc_alpha_init == "mse"
 
     def _collect(self, x: Tensor) -> None:

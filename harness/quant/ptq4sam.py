@@ -12,6 +12,7 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
+from harness.errors import ConfigError
 from harness.quant import agq, big
 from harness.quant.attention import Log2Quant, QuantAttentionMixin
 from harness.quant.learned import EPS, _reduce_dims, int_range
@@ -45,9 +46,10 @@ class MseWeightStep(nn.Module):
 
 
 @torch.no_grad()
-def integrate_bimodal(model: nn.Module, feed, frames: int) -> dict[str, bool]:
+def integrate_bimodal(model: nn.Module, feed, frames: int, detector: str = "official") -> dict[str, bool]:
     """BIG on the mask decoder's token-to-image attentions, from their keys on `frames` calibration
-    frames; FP outputs are unchanged. Returns {module: folded}."""
+    frames (the official detector: the first frame only); FP outputs are unchanged. Returns {module: folded}."""
+    frames = 1 if detector == "official" else frames
     targets = {n: m for n, m in model.named_modules() if fnmatch.fnmatchcase(n, BIG_TARGETS)}
     keys: dict[str, list[Tensor]] = {n: [] for n in targets}
     hooks = [
@@ -61,7 +63,7 @@ def integrate_bimodal(model: nn.Module, feed, frames: int) -> dict[str, bool]:
     finally:
         for h in hooks:
             h.remove()
-    return {n: bool(keys[n]) and big.integrate(m, torch.cat(keys[n])) for n, m in targets.items()}
+    return {n: bool(keys[n]) and big.integrate(m, torch.cat(keys[n]), detector) for n, m in targets.items()}
 
 
 @torch.no_grad()
@@ -92,13 +94,20 @@ def search_granularity(model: nn.Module, feed, frames: int, taus=agq.TAUS, seed:
     finally:
         for m in modules.values():
             m.agq_record = None
+    unreached = [n for n in modules if not seen[n][0]]
+    if unreached:
+        more = f" (+{len(unreached) - 1} more)" if len(unreached) > 1 else ""
+        raise ConfigError(
+            f"method.agq: attention {unreached[0]}{more} never ran on the {frames} calibration frames, so AGQ "
+            "cannot fit its log2 quantizer; give data.calib frames that reach it (video clips for memory "
+            "attention), or leave it out of quant.scope"
+        )
     out = {}
     for n, m in modules.items():
         probs, values = seen[n]
-        if not probs:
-            continue  # not on the calibration path; the quantizer keeps tau 1, scale 1
         tau, scale, err = agq.search(probs, values, m.softmax_quant.bits, taus)
         m.softmax_quant.tau.fill_(tau)
         m.softmax_quant.scale.fill_(scale)
+        m.softmax_quant.fitted.fill_(True)
         out[n] = (tau, scale, err)
     return out

@@ -12,7 +12,7 @@ other in model order. For each block:
    the FP teacher over the same frames gave every block's FP outputs, paired with them by call.
 2. What is learned are the block's activation quantizer steps (not AdaRound's weight rounding, the
    simpler choice): the per-tensor step of every Brevitas activation quantizer of the block (layer
-   inputs, attention q/k/v; `value` of ParameterFromRuntimeStatsScaling), learned in the log
+   inputs, attention q/k/v; `value` of ParameterFromRuntimeStatsScaling or of rtn's RangeActScale), learned in the log
    domain, s = s0 * exp(theta), with Adam on theta at `lr` (a relative step, whatever the scale's
    size) and a cosine decay to 0, through straight-through rounding gradients (LSQ's d/ds without
    its gradient scale). Weights keep their calibrated per-channel steps (ptq4sam's MSE-searched
@@ -44,6 +44,7 @@ from torch import Tensor
 
 from harness.errors import ConfigError
 from harness.quant.attention import Log2Quant
+from harness.quant.ranges import RangeActScale
 from harness.quant.state import quantizers
 
 BLOCKS = ["image_encoder.trunk.blocks.*", "sam_mask_decoder.transformer.layers.*"]
@@ -203,7 +204,7 @@ def learned_scales(block: nn.Module) -> list[Tensor]:
         if kind == "weight":
             continue
         for m in q.modules():
-            if isinstance(m, ParameterFromRuntimeStatsScaling) and id(m.value) not in seen:
+            if isinstance(m, (ParameterFromRuntimeStatsScaling, RangeActScale)) and id(m.value) not in seen:
                 seen.add(id(m.value))
                 out.append(m.value)
     return out

@@ -13,7 +13,7 @@ import torch.nn as nn
 from brevitas.proxy.quant_proxy import QuantProxyFromInjector
 
 from harness.errors import QBenchError
-from harness.quant.attention import QuantAttentionMixin
+from harness.quant.attention import Log2Quant, QuantAttentionMixin
 from harness.quant.policy import Decision
 from harness.quant.swap import collects_stats, quant_layers
 
@@ -59,8 +59,27 @@ def _uncalibrated(quantizer: nn.Module) -> bool:
     )
 
 
+def _bits(quantizer: nn.Module) -> int:
+    return quantizer.bits if isinstance(quantizer, Log2Quant) else int(_proxy(quantizer).bit_width())
+
+
+def _expected_bits(d: Decision) -> dict[str, int | None]:
+    """The bit-width each quantizer of a decided module should have, by quantizer name."""
+    if d.kind == "Attention":
+        return {"q_quant": d.act_bits, "k_quant": d.act_bits, "v_quant": d.act_bits, "softmax_quant": d.softmax_bits}
+    return {"weight_quant": d.weight_bits, "input_quant": d.act_bits}
+
+
 def check_all_active(model: nn.Module, decisions: list[Decision]) -> None:
-    """Raise unless every module the policy quantizes has all its quantizers enabled and calibrated."""
+    """Raise unless the model is in eval mode and every module the policy quantizes has all its
+    quantizers enabled, calibrated (a log2 quantizer that is to be fitted: fitted) and at the
+    bit-width its decision gives."""
+    training = [name or "the model" for name, m in model.named_modules() if m.training]
+    if training:
+        raise QuantStateError(
+            f"{training[0]} (+{len(training) - 1} more modules) is in training mode: dropout and running "
+            "statistics would change its outputs; call model.eval() before evaluating"
+        )
     found = quantizers(model)
     modules = {name.rsplit(".", 1)[0] for name in found}
     problems = [f"{d.name} is not quantized" for d in decisions if d.quantize and d.name not in modules]
@@ -69,6 +88,16 @@ def check_all_active(model: nn.Module, decisions: list[Decision]) -> None:
             problems.append(f"{name} is disabled")
         elif _uncalibrated(quantizer):
             problems.append(f"{name} was never calibrated")
+        elif isinstance(quantizer, Log2Quant) and not bool(quantizer.fitted):
+            problems.append(f"{name} was never fitted")
+    for d in decisions:
+        if not d.quantize or d.name not in modules:
+            continue
+        for q, bits in _expected_bits(d).items():
+            quantizer = found.get(f"{d.name}.{q}", (None, None))[1]
+            if quantizer is not None and bits is not None and _proxy(quantizer).is_quant_enabled:
+                if _bits(quantizer) != bits:
+                    problems.append(f"{d.name}.{q} has {_bits(quantizer)} bits, its decision {bits}")
     if problems:
         more = f" (+{len(problems) - 3} more)" if len(problems) > 3 else ""
         raise QuantStateError(f"{len(problems)} quantizers not active: {'; '.join(problems[:3])}{more}")
