@@ -110,7 +110,7 @@ class Method:
 
     @staticmethod
     def vrc_label(params: dict) -> str | None:
-        """"VRC", "VRC-img" for its image-level reading (`rows: image_mean`), None when off."""
+        """ "VRC", "VRC-img" for its image-level reading (`rows: image_mean`), None when off."""
         if str(params.get("vrc.enabled")) != "True":
             return None
         return "VRC-img" if str(params.get("vrc.rows")) == "image_mean" else "VRC"
