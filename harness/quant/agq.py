@@ -32,32 +32,46 @@ def search(
     values: list[Tensor],
     bits: int,
     taus=TAUS,
-    grid: int = 48,
-    refine: int = 12,
+    grid: int | None = None,
+    refine: int = 20,
     low: float = LOW,
 ) -> tuple[float, float, float]:
     """(tau, scale, error) minimizing sum || x_hat V - x V ||^2 over calibration batches.
 
-    The scale is searched over [low * max(x), max(x)] (LOW: the bounds of PTQ4SAM's public search): `grid`
-    log-spaced candidates from max(x) down, then `refine` more between the best one's neighbours.
-    A flat attention (no probability near its maximum) needs a scale far below the top, which a
-    range of half an octave (this function's first form) could not reach.
+    The scale is searched over [low * max(x), max(x)] (LOW: the bounds of PTQ4SAM's public search):
+    `grid` log-spaced candidates from max(x) down (default 32 per octave, the first form's density:
+    the error is far from smooth in the scale, its levels repeat every 2^(1/tau)), then `refine`
+    golden-section steps (in log scale) between the best candidate's neighbours; the best scale
+    evaluated is kept. A flat attention (no
+    probability near its maximum) needs a scale far below the top, which a range of half an octave
+    (this function's first form) could not reach.
     """
     top = max(float(p.max()) for p in probs)
+    tried: dict[tuple[float, float], float] = {}
 
-    def err(s, tau):
-        return sum(float(((log2_quantize(p, s, tau, bits) - p) @ v).pow(2).sum()) for p, v in zip(probs, values))
+    def err(log_s: float, tau) -> float:
+        key = (float(tau), log_s)
+        if key not in tried:
+            s = math.exp(log_s) if log_s else top
+            tried[key] = sum(
+                float(((log2_quantize(p, s, tau, bits) - p) @ v).pow(2).sum()) for p, v in zip(probs, values)
+            )
+        return tried[key]
 
-    best = (float(taus[0]), top, float("inf"))
+    golden = (math.sqrt(5) - 1) / 2
+    grid = grid or math.ceil(32 * math.log2(1 / low)) + 1
     for tau in taus:
-        logs = [math.log(top) + math.log(low) * k / (grid - 1) for k in range(grid)]
-        errs = [err(math.exp(x), tau) for x in logs]
-        k = min(range(grid), key=errs.__getitem__)
-        lo, hi = logs[min(k + 1, grid - 1)], logs[max(k - 1, 0)]
-        for x in [lo + (hi - lo) * (i + 1) / (refine + 1) for i in range(refine)]:
-            logs.append(x)
-            errs.append(err(math.exp(x), tau))
-        k = min(range(len(errs)), key=errs.__getitem__)
-        if errs[k] < best[2]:
-            best = (float(tau), math.exp(logs[k]) if k else top, errs[k])
-    return best
+        # log(scale / top): 0 is the top itself, exactly
+        logs = [math.log(low) * k / (grid - 1) for k in range(grid)]
+        k = min(range(grid), key=lambda i: err(logs[i], tau))
+        a, b = logs[min(k + 1, grid - 1)], logs[max(k - 1, 0)]
+        c, d = b - golden * (b - a), a + golden * (b - a)
+        for _ in range(refine):
+            if err(c, tau) < err(d, tau):
+                b, d = d, c
+                c = b - golden * (b - a)
+            else:
+                a, c = c, d
+                d = a + golden * (b - a)
+    (tau, log_s), e = min(tried.items(), key=lambda kv: kv[1])
+    return tau, (math.exp(log_s) * top if log_s else top), e
