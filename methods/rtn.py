@@ -43,6 +43,17 @@ def range_act(bits: int, signed: bool, act_stat: str = "max"):
 @register("rtn")
 class RTN(Method):
     defaults = {"vrc": {}, "act_stat": "max", "act_range": "asymmetric", "percentile": 99.999}
+    label_keys = (*Method.label_keys, "act_stat", "act_range")
+
+    @classmethod
+    def label(cls, params: dict) -> str:
+        """The base label, and the activation range where it is not the default: "rtn (symmetric, mean_max)"."""
+        shown = [
+            str(params[k])
+            for k in ("act_range", "act_stat")
+            if str(params.get(k)) not in ("nan", "None", str(cls.defaults[k]))
+        ]
+        return super().label(params) + (f" ({', '.join(shown)})" if shown else "")
 
     def __init__(self, **params):
         super().__init__(**params)

@@ -265,6 +265,11 @@ def test_a_methods_label_names_the_parts_each_run_uses():
     cases = [
         ({"method.name": "rtn", "method.vrc.enabled": nan}, "rtn"),
         ({"method.name": "rtn", "method.vrc.enabled": "True"}, "rtn + VRC"),
+        ({"method.name": "rtn", "method.act_stat": "max", "method.act_range": "asymmetric"}, "rtn"),
+        (
+            {"method.name": "rtn", "method.act_stat": "mean_max", "method.act_range": "symmetric"},
+            "rtn (symmetric, mean_max)",
+        ),
         ({"method.name": "qsam2", "method.vrc.enabled": "True", **on}, "qsam2 (VRC+LSC)"),
         (
             {"method.name": "qsam2", "method.vrc.enabled": "True", "method.vrc.rows": "image_mean", **on},
