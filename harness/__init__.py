@@ -13,7 +13,8 @@ holds it, function-level imports included, and no two modules import each other 
    methods (the package beside harness/) sits here, on quant and errors only;
 7. train: the training loop; it is handed its intermediate evaluation, it does not reach up;
 8. runner, inspect, pretrain, bench: one run's steps, the suite runner, benchmarks;
-9. executor, search: where runs run (local, workers, submitit) and Optuna searches of them;
+9. executor, search, kernels: where runs run (local, workers, submitit), Optuna searches of them,
+   and the fake-quantized model beside torchao's integer kernels;
 10. report, search_report: tables and figures read back from the records;
 11. cli, gpu_check, __main__: commands, which choose among the layers below.
 """

@@ -6,6 +6,7 @@ through the video predictor: image encoder, memory attention, mask decoder, memo
 `--train`: one QAT training step (harness.train.fit, SAM2Train forward + loss + backward + AdamW)
 of each method over one FP training step of the same model on the same clips.
 FP and quantized calls alternate, so both see the same machine load; ratios are of the medians.
+`--kernels`: real integer kernels, harness.kernels.
 """
 
 from __future__ import annotations

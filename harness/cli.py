@@ -175,9 +175,17 @@ def _bench(args) -> int:
     from harness.quant.policy import QuantPolicy
 
     # The quant section of an fp config is normalized away: read it as rtn's.
-    policy = QuantPolicy.from_config(base_config(None, ["method.name=rtn", *args.overrides])["quant"])
-    model_list = [(m, None if m == "sam2_small" else args.image_size) for m in args.models]
+    quant = base_config(None, ["method.name=rtn", *args.overrides])["quant"]
+    policy = QuantPolicy.from_config(quant)
+    default_models = ["sam2_small"] if args.kernels else ["sam2_small", "sam2.1_hiera_t"]
+    model_list = [(m, None if m == "sam2_small" else args.image_size) for m in args.models or default_models]
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if args.kernels:
+        if args.train:
+            raise ConfigError("bench: --kernels and --train are two benchmarks; pick one")
+        return _bench_kernels(args, quant, model_list, device)
+    if args.checkpoint or args.settings:
+        raise ConfigError("bench: --checkpoint and --settings go with --kernels")
     if args.train:
         extra = [o for o in args.overrides if o.startswith("train.")]
         limit = int(args.limit_gb * 2**30) if args.limit_gb else None
@@ -205,6 +213,38 @@ def _bench(args) -> int:
         return 0
     results = bench.run(policy, model_list, repeats=args.repeats, method=args.method, device=device)
     print(json.dumps(results, indent=1) if args.json else bench.format_text(results, policy, args.method))
+    return 0
+
+
+def _bench_kernels(args, quant: dict, model_list, device) -> int:
+    import json
+
+    import methods
+    from harness import kernels
+
+    kernels.require_torchao()  # before any model is built: a missing install is one line
+    if not methods.get(args.method).quantizes:
+        raise ConfigError(f"bench --kernels: --method {args.method} quantizes nothing; expected a quantizing method")
+    if args.checkpoint and len(model_list) != 1:
+        raise ConfigError("bench --kernels: --checkpoint goes with one model (--models NAME)")
+    settings = kernels.KERNEL_SETTINGS
+    if args.settings:
+        by_label = {s.label: s for s in kernels.KERNEL_SETTINGS}
+        wanted = [w.strip() for w in args.settings.split(",") if w.strip()]
+        unknown = [w for w in wanted if w not in by_label]
+        if unknown or not wanted:
+            raise ConfigError(
+                f"bench --settings: {','.join(unknown) or args.settings!r}; expected some of {','.join(by_label)}"
+            )
+        settings = [by_label[w] for w in wanted]
+    quant = {k: v for k, v in quant.items() if k not in ("weight_bits", "act_bits")}  # the settings' bits
+    results = [
+        kernels.bench_kernels(
+            m, size, quant, settings, args.method, args.checkpoint, repeats=args.repeats, device=device
+        )
+        for m, size in model_list
+    ]
+    print(json.dumps(results, indent=1) if args.json else kernels.format_kernels(results))
     return 0
 
 
@@ -386,16 +426,27 @@ def parser() -> argparse.ArgumentParser:
         help="time of the fake-quantized model over FP, in one run: evaluation, or a QAT step (--train)",
         description="Evaluation (default): median time of the image path and of one video tracking step, "
         "quantized by --method over FP. --train: median time of one training step of LSQ W4A4, PACT W4A8 and "
-        "Q-SAM2 W2A8 over one FP training step (sam2_small: 4 clips x 4 frames; sam2 models: 1 clip x 2 frames).",
+        "Q-SAM2 W2A8 over one FP training step (sam2_small: 4 clips x 4 frames; sam2 models: 1 clip x 2 frames). "
+        "--kernels: W8A8, W4A16, ... through torchao's integer kernels beside FP and the fake-quantized model.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     s.add_argument(
         "overrides", nargs="*", help="quant overrides for evaluation, e.g. quant.weight_bits=4 quant.act_bits=8"
     )
-    s.add_argument("--models", nargs="+", default=["sam2_small", "sam2.1_hiera_t"], help="model names")
+    s.add_argument(
+        "--models", "--model", nargs="+", help="model names (default: sam2_small sam2.1_hiera_t; --kernels: sam2_small)"
+    )
     s.add_argument("--image-size", type=int, default=512, help="image size of the sam2 models (not sam2_small)")
     s.add_argument("--method", default="rtn", help="quantization method of the evaluation benchmark")
     s.add_argument("--train", action="store_true", help="time QAT training steps instead of evaluation")
+    s.add_argument(
+        "--kernels",
+        action="store_true",
+        help="convert the policy's Linear layers to torchao's integer kernels and measure FP / fake-quant / converted: "
+        "latency, peak memory and agreement per setting (docs/kernels.md; needs the [kernels] extra)",
+    )
+    s.add_argument("--settings", help="--kernels: some of W8A8,W4A16,W4A8,W4A4,W2A8 (default: all)")
+    s.add_argument("--checkpoint", help="--kernels: the model's checkpoint (default: the embedded one, or random)")
     s.add_argument("--repeats", type=int, default=5, help="timed repeats (--train: rounds of steps) after a warm-up")
     s.add_argument("--json", action="store_true", help="print the results as JSON")
     s.add_argument("--clips", help="--train: clips x frames per step, e.g. 1x2 (default: by model)")

@@ -179,11 +179,14 @@ def _knobs(keys, values) -> list[str]:
 def _metric(alias: str, df: pd.DataFrame, where: str) -> catalog.Info:
     """A named metric, or any other metric these runs logged (printed as logged)."""
     try:
-        return catalog.find(alias, where=where)
+        info = catalog.find(alias, where=where)
     except ConfigError:
         if alias not in df.attrs["metrics"]:
             raise
         return catalog.Info(alias, label=alias)
+    if info.key not in df.attrs["metrics"]:  # e.g. agreement, which runs with eval.agreement false do not record
+        raise ConfigError(f"{where}: {alias!r}: no run of the table recorded {info.key}")
+    return info
 
 
 def _aggregate(df: pd.DataFrame, by: list[str], metric) -> pd.DataFrame:
@@ -211,20 +214,22 @@ class PerObject:
     def __deepcopy__(self, memo):  # pandas deep-copies attrs into every derived frame: one cache for all
         return self
 
-    def frame(self, run_id: str) -> pd.DataFrame | str:
-        """The run's per-object frame, or why there is none."""
-        if run_id not in self.frames:
+    def frame(self, run_id: str, artifact: str = "per_object.csv") -> pd.DataFrame | str:
+        """The run's per-object frame (per_object.csv, or an agreement metric's
+        per_object_agreement.csv), or why there is none."""
+        key = run_id if artifact == "per_object.csv" else (run_id, artifact)
+        if key not in self.frames:
             try:
-                if "per_object.csv" not in {f.path for f in self.client.list_artifacts(run_id)}:
-                    self.frames[run_id] = "no per_object.csv in the record"
+                if artifact not in {f.path for f in self.client.list_artifacts(run_id)}:
+                    self.frames[key] = f"no {artifact} in the record"
                 else:
                     with tempfile.TemporaryDirectory() as tmp:
-                        path = self.client.download_artifacts(run_id, "per_object.csv", tmp)
-                        self.frames[run_id] = pd.read_csv(path, dtype={"sequence": str})
-                    self.unit = self.unit or stats.unit_name(self.frames[run_id])
+                        path = self.client.download_artifacts(run_id, artifact, tmp)
+                        self.frames[key] = pd.read_csv(path, dtype={"sequence": str})
+                    self.unit = self.unit or stats.unit_name(self.frames[key])
             except (MlflowException, OSError, ValueError) as e:  # an unreadable artifact: no interval, no crash
-                self.frames[run_id] = f"per_object.csv unreadable ({type(e).__name__}: {e})"
-        return self.frames[run_id]
+                self.frames[key] = f"{artifact} unreadable ({type(e).__name__}: {e})"
+        return self.frames[key]
 
     def pooled(self, df: pd.DataFrame, run_ids: list[str], metric) -> pd.Series | str:
         """Each object's value averaged over the runs (harness.stats.pool), or why there is none."""
@@ -236,12 +241,13 @@ class PerObject:
     def _pool(self, df: pd.DataFrame, run_ids: list[str], metric) -> pd.Series | str:
         runs = df.set_index("run_id")
         found = {}
+        artifact = getattr(metric, "artifact", "per_object.csv")
         for run_id in run_ids:
-            frame = self.frame(run_id)
+            frame = self.frame(run_id, artifact)
             if isinstance(frame, str):
                 return frame
-            try:
-                v = stats.values(frame, metric.key)
+            try:  # an agreement metric's per-object table has the columns of per_object.csv
+                v = stats.values(frame, getattr(metric, "source", metric.key))
             except ValueError as e:
                 return str(e)
             if v is None:
@@ -249,7 +255,7 @@ class PerObject:
             logged = runs.at[run_id, metric.key] if metric.key in runs else float("nan")
             # A record whose objects do not average to its logged metric is not this metric's sample.
             if not np.isclose(v.mean(), logged, rtol=1e-9, atol=1e-9):
-                return f"per_object.csv does not average to the logged {metric.key}"
+                return f"{artifact} does not average to the logged {metric.key}"
             seed = runs.at[run_id, "seed"] if "seed" in runs else None
             found[f"seed {seed}" if f"seed {seed}" not in found else f"run {run_id}"] = v
         try:
@@ -301,7 +307,8 @@ def table_frame(df, params, rows: str, cols: str, metric, baseline=None, where="
     cells = cells.rename(columns={cols: "col"})[keep]
     # fp's normalized quant section (W8A8) is no column of its own when quantized runs exist.
     col_order = list(dict.fromkeys(df[~fp][cols] if (~fp).any() else df[cols]))
-    if fp.any():
+    # No fp row for a metric fp does not record (agreement with the FP model, 1 by definition, not computed).
+    if fp.any() and df.loc[fp, metric.key].notna().any():
         # fp has no bit-width: where it was not run at a column's value, its pooled runs stand in.
         ref = []
         for col in col_order:
@@ -582,7 +589,7 @@ def _lines(ax, df, params, x: str, metric) -> None:
             ax.set_xscale("log", base=2)
         ax.set_xticks([position[t] for t in ticks] if scale == "even" else ticks, [f"{t:g}" for t in ticks])
         ax.minorticks_off()
-    if fp.any():
+    if fp.any() and df.loc[fp, metric.key].notna().any():  # fp records no agreement with itself
         ref = _intervals(_aggregate(df[fp], [], metric), df, metric)
         ax.axhline(ref["mean"].iloc[0], color="black", ls="--", lw=1.0, label="fp", zorder=1)
         (lo,), (hi,) = ref["mean"].to_numpy() + _yerr(ref) * [[-1], [1]]

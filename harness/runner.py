@@ -1,7 +1,8 @@
 """One RunSpec end to end, and the suite loop that runs them all and writes the summary table.
 
 build the student -> method.plan -> quantize -> calibrate -> train (training methods) -> evaluate
-(J&F) -> size -> MLflow. Here harness reaches methods, through the registry only.
+(J&F) -> size -> agreement with the FP model (harness/evaluate/agreement.py: the student freed, the FP
+predictions made once per key) -> MLflow. Here harness reaches methods, through the registry only.
 """
 
 from __future__ import annotations
@@ -9,9 +10,11 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import functools
+import gc
 import logging
 import math
 import os
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -25,6 +28,7 @@ from harness.claims import Claims, clean_scratch, scratch_suffix
 from harness.config import RunSpec, Suite
 from harness.data import synthetic
 from harness.errors import CheckpointError, ConfigError, NonFiniteError, QBenchError
+from harness.evaluate import agreement
 from harness.evaluate import registry as evaluators
 from harness.progress import progress
 from harness.quant import export
@@ -176,36 +180,120 @@ def run_one(spec, results_dir: Path, suite: str = "default") -> dict:
     cfg, times = spec.config, {}
     estimate.check(cfg, results_dir)
     eval_ds = evaluators.dataset(cfg, "eval", results_dir)
+    evaluator = evaluators.get(cfg["data"]["eval"]["kind"])
+    agree = _agreement_plan(cfg, results_dir, evaluator)
     checkpoints = results_dir / "checkpoints" / suite / spec.run_key  # a killed training run resumes here
     model, decisions = prepare(cfg, results_dir, times, checkpoints)  # times: also the training metrics
     # Scratch under the results folder, named after this process: if it is killed, the next
-    # invocation removes the folder (claims.clean_scratch).
+    # invocation removes the folder (claims.clean_scratch). What goes under artifacts/ is the record's.
     (results_dir / "tmp").mkdir(parents=True, exist_ok=True)
     scratch = tempfile.TemporaryDirectory(dir=results_dir / "tmp", prefix="eval-", suffix=scratch_suffix())
-    with _phase(times, "evaluate", cfg["device"]), scratch as tmp:
-        save = Path(tmp) / "predictions" if cfg["eval"]["save_predictions"] else None
-        late = {}
-        evaluator = evaluators.get(cfg["data"]["eval"]["kind"])
-        per_object, summary = evaluator.evaluate(model, eval_ds, decisions, save_dir=save, late=late)
-        if late:  # in the record too, not only in the log
-            notes = [f"{seq}: ids {ids} appear after frame 0, not scored" for seq, ids in late.items()]
-            mlflow.set_tag("warnings", "; ".join(notes))
-            mlflow.log_dict(late, "late_objects.json")
-        per_object.to_csv(Path(tmp) / "per_object.csv", index=False)
-        if "sequence" in per_object:
-            per_object.groupby("sequence")[["J-mean", "F-mean"]].mean().to_csv(Path(tmp) / "per_sequence.csv")
-        with open(Path(tmp) / "quant_plan.tsv", "w") as f:
-            f.write("module\tkind\tparams\tquantized\tweight_bits\tact_bits\tsoftmax_bits\treason\n")
-            for d in decisions:
-                bits = f"{d.weight_bits}\t{d.act_bits}\t{d.softmax_bits}"
-                f.write(f"{d.name}\t{d.kind}\t{d.params}\t{d.quantize}\t{bits}\t{d.reason}\n")
-        mlflow.log_artifacts(tmp)
-    metrics = {**summary, **model_size(model), **times}
+    with scratch as tmp:
+        art = Path(tmp) / "artifacts"
+        art.mkdir()
+        # Agreement reads the predictions back (the scoring code of predictions made elsewhere): they are
+        # written beside the artifacts where they are not asked to be kept.
+        save = art / "predictions" if cfg["eval"]["save_predictions"] else None
+        if agree is not None and save is None:
+            save = Path(tmp) / "predictions"
+        with _phase(times, "evaluate", cfg["device"]):
+            late = {}
+            per_object, summary = evaluator.evaluate(model, eval_ds, decisions, save_dir=save, late=late)
+            if late:  # in the record too, not only in the log
+                notes = [f"{seq}: ids {ids} appear after frame 0, not scored" for seq, ids in late.items()]
+                mlflow.set_tag("warnings", "; ".join(notes))
+                mlflow.log_dict(late, "late_objects.json")
+            per_object.to_csv(art / "per_object.csv", index=False)
+            if "sequence" in per_object:
+                per_object.groupby("sequence")[["J-mean", "F-mean"]].mean().to_csv(art / "per_sequence.csv")
+            with open(art / "quant_plan.tsv", "w") as f:
+                f.write("module\tkind\tparams\tquantized\tweight_bits\tact_bits\tsoftmax_bits\treason\n")
+                for d in decisions:
+                    bits = f"{d.weight_bits}\t{d.act_bits}\t{d.softmax_bits}"
+                    f.write(f"{d.name}\t{d.kind}\t{d.params}\t{d.quantize}\t{bits}\t{d.reason}\n")
+        sizes, quantized = model_size(model), sum(d.quantize for d in decisions)
+        if agree is not None:
+            del model  # the FP model, where it is made now, is not held beside the student
+            _free(cfg["device"])
+            summary = {**summary, **_agreement(cfg, results_dir, evaluator, eval_ds, agree, save, summary, art, times)}
+        mlflow.log_artifacts(art)
+    metrics = {**summary, **sizes, **times}
     metrics = {k.replace("&", "_"): float(v) for k, v in metrics.items()}
-    metrics["quantized_modules"] = sum(d.quantize for d in decisions)
+    metrics["quantized_modules"] = quantized
     mlflow.log_metrics(metrics)
     check_finite(metrics)
     return metrics
+
+
+def _free(device: str | None) -> None:
+    gc.collect()
+    if str(device).startswith("cuda") and torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def _agreement_plan(cfg: dict, results_dir: Path, evaluator) -> tuple[str, str, dict] | None:
+    """(mode, cache key, what it hashes) of a run's agreement with the FP model, or None (off: eval.agreement
+    false, or a data kind without it). mode "score": a method that quantizes, scored against the FP
+    predictions (made first where the cache has none); "fill": the FP model itself (fp), whose agreement is
+    1 by definition and not computed, and whose predictions fill the cache where it has none."""
+    if not cfg["eval"].get("agreement", True) or evaluator.agree is None:
+        return None
+    cache_key = agreement.key(cfg, results_dir)
+    if methods.from_config(cfg["method"]).quantizes:
+        return "score", cache_key, agreement.payload(cfg, results_dir)
+    if agreement.cached(results_dir, cache_key) is None:
+        return "fill", cache_key, agreement.payload(cfg, results_dir)
+    return None
+
+
+def _fp_predictions(cfg: dict, evaluator, eval_ds):
+    """(folder) -> the FP model's scores: its predictions on the eval data written there, the model built
+    as the fp method's run builds it (same seed: the same weights where they are random), then freed."""
+
+    def predict(out: Path) -> dict:
+        m = cfg["model"]
+        with torch.random.fork_rng(devices=[]):  # the run's random stream is not touched
+            torch.manual_seed(cfg["seed"])
+            fp = models.build(m["name"], m["checkpoint"], m["image_size"], cfg["device"])
+            try:
+                _, summary = evaluator.evaluate(fp, eval_ds, (), save_dir=out, late={})
+            finally:
+                del fp
+                _free(cfg["device"])
+        return {k: float(v) for k, v in summary.items()}
+
+    return predict
+
+
+def _agreement(cfg, results_dir: Path, evaluator, eval_ds, plan, save: Path, summary: dict, art: Path, times: dict):
+    """The agreement metrics of a run (none for fp, whose predictions fill the cache instead)."""
+    mode, cache_key, about = plan
+    if mode == "fill":
+
+        def publish(out: Path) -> dict:
+            if save.is_dir():
+                shutil.copytree(save, out, dirs_exist_ok=True)
+            return {k: float(v) for k, v in summary.items()}
+
+        _, made = agreement.fill(results_dir, cache_key, about, publish)
+        mlflow.set_tag("agreement.cache", f"{cache_key} {'filled' if made else 'reused'}")
+        return {}
+    fp_dir = agreement.cached(results_dir, cache_key)
+    if fp_dir is None:
+        with _phase(times, "fp_predictions", cfg["device"]):
+            fp_dir, made = agreement.fill(results_dir, cache_key, about, _fp_predictions(cfg, evaluator, eval_ds))
+        log.info("FP predictions %s %s", "made in" if made else "made by another process in", fp_dir)
+    else:
+        made = False
+        log.info("FP predictions reused from %s", fp_dir)
+    mlflow.set_tag("agreement.cache", f"{cache_key} {'computed' if made else 'reused'}")
+    with _phase(times, "agreement", cfg["device"]):
+        per_object, scores = evaluator.agree(eval_ds, fp_dir / "predictions", save)
+        per_object.to_csv(art / evaluators.AGREEMENT_CSV, index=False)
+    if not scores:
+        log.warning("agreement: no object could be scored against the FP predictions in %s", fp_dir)
+        mlflow.set_tag("agreement", "nothing to score: the FP model segments no object on a scored frame")
+    return scores
 
 
 def check_finite(values: dict) -> None:

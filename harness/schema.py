@@ -9,7 +9,7 @@ from __future__ import annotations
 import difflib
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_serializer
 
 from harness.errors import ConfigError
 from harness.evaluate import registry
@@ -168,6 +168,17 @@ class TrainCfg(Strict):
 
 class EvalCfg(Strict):
     save_predictions: bool = False
+    # Also score the predictions against the FP model's on the same prompts (agree/..., runs of
+    # methods that quantize; harness/evaluate/agreement.py). On by default; only `false` is in the
+    # dump, so that run_keys recorded before this key existed stay the same.
+    agreement: bool = True
+
+    @model_serializer(mode="wrap")
+    def _dump(self, handler):
+        out = handler(self)
+        if self.agreement:
+            out.pop("agreement", None)
+        return out
 
 
 class RunConfig(Strict):

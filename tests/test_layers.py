@@ -15,7 +15,7 @@ LAYERS = [
     ["schema", "config", "tracking", "estimate"],
     ["train"],
     ["runner", "inspect", "pretrain", "bench"],
-    ["executor", "search"],
+    ["executor", "search", "kernels"],
     ["report", "search_report"],
     ["cli", "gpu_check", "__main__"],
 ]

@@ -2,8 +2,10 @@
 
 Search objectives, the report's columns and the training loop's intermediate evaluation read
 metrics from here and nowhere else. A benchmark's own metrics come from its evaluator's `Metric`s
-(harness/evaluate/registry.py); the ones every run records (the size accounting of
-harness/quant/size.py, frames/s, each step's time and peak memory) are declared below.
+(harness/evaluate/registry.py), with their agreement twins (agree/<key>, alias <alias>_fp: the
+predictions scored against the FP model's, harness/evaluate/agreement.py); the ones every run records
+(the size accounting of harness/quant/size.py, frames/s, each step's time and peak memory) are
+declared below.
 """
 
 from __future__ import annotations
@@ -22,6 +24,12 @@ class Info:
     decimals: int = 3
     label: str = ""
     lower_is_better: bool = False
+    artifact: str = "per_object.csv"  # the record's per-object table it is a mean over (where it is one)
+    per_object: str | None = None  # its name there (harness.stats.PER_OBJECT); None: the key
+
+    @property
+    def source(self) -> str:
+        return self.per_object or self.key
 
     @property
     def direction(self) -> str:
@@ -52,10 +60,11 @@ def aliases(kind: str | None = None) -> dict[str, Info]:
     """alias -> Info of every named metric (of one data kind's runs, or of every kind's)."""
     out: dict[str, Info] = {}
     for ev in _evaluators(kind):
-        for m in ev.metrics:
+        for m in (*ev.metrics, *ev.agreement):
             label = m.label or m.column or m.key
             scale, decimals, label = (100, 1, f"{label} (%)") if m.percent else (1, 3, label)
-            out[m.alias] = Info(m.logged, scale, decimals, label, m.lower_is_better)
+            own = m.logged.removeprefix(registry.AGREE)  # per_object_agreement.csv has per_object.csv's columns
+            out[m.alias] = Info(m.logged, scale, decimals, label, m.lower_is_better, m.artifact, own)
     fps = Info("fps", 1, 2, registry.get(kind).rate) if kind else RUN["fps"]
     return {**out, **RUN, "fps": fps}
 

@@ -25,6 +25,7 @@ class Metric:
     label: str | None = None  # axis label, without the unit; default: the column
     percent: bool = True  # a fraction, printed x100
     lower_is_better: bool = False
+    artifact: str = "per_object.csv"  # the record's per-object table whose mean over objects it is (where it is)
 
     @property
     def logged(self) -> str:
@@ -43,6 +44,11 @@ class Evaluator:
     calibrate: Callable  # (model, dataset, n) -> items run through the model
     evaluate: Callable  # (model, dataset, decisions, save_dir, late) -> (per-item DataFrame, summary)
     count: Callable  # (dataset) -> items `calibrate` can run at most
+    # Agreement with the FP model (harness/evaluate/agreement.py): (dataset, FP predictions folder,
+    # predictions folder, both as `evaluate` writes them with save_dir) -> (per-item DataFrame, summary
+    # of the `agreement` metrics); the predictions scored with the FP model's as their ground truth.
+    agree: Callable | None = None
+    agreement: tuple[Metric, ...] = ()
 
     @property
     def columns(self) -> tuple[Metric, ...]:
@@ -51,6 +57,29 @@ class Evaluator:
 
 
 EVALUATORS: dict[str, Evaluator] = {}
+
+
+AGREE = "agree/"  # the prefix of every agreement metric
+AGREEMENT_CSV = "per_object_agreement.csv"
+
+
+def agreement_metrics(metrics: tuple[Metric, ...]) -> tuple[Metric, ...]:
+    """The agreement twin of each metric: agree/<key>, alias <alias>_fp, label "<label> vs FP"."""
+    return tuple(
+        Metric(
+            AGREE + m.key,
+            f"{m.alias}_fp",
+            label=f"{m.label or m.column or m.key} vs FP",
+            percent=m.percent,
+            lower_is_better=m.lower_is_better,
+            artifact=AGREEMENT_CSV,
+        )
+        for m in metrics
+    )
+
+
+def _prefixed(per_item, summary: dict):
+    return per_item, {AGREE + k: v for k, v in summary.items()}
 
 
 def register(ev: Evaluator) -> Evaluator:
@@ -150,10 +179,30 @@ JF = (
     Metric("J-decay", "j_decay", lower_is_better=True),
     Metric("F-decay", "f_decay", lower_is_better=True),
 )
+AGREE_JF = agreement_metrics(JF)
+
+
+def _vos_agree(ds, fp_dir, pred_dir):
+    from harness.evaluate import agreement
+
+    return _prefixed(*agreement.score_vos(ds, fp_dir, pred_dir))
+
+
 for _kind in ("synthetic", "davis"):
     register(
         Evaluator(
-            _kind, JF, "jf", "frames/s", _vos_root, _vos_load, _check_files, _vos_calibrate, _vos_evaluate, _vos_count
+            _kind,
+            JF,
+            "jf",
+            "frames/s",
+            _vos_root,
+            _vos_load,
+            _check_files,
+            _vos_calibrate,
+            _vos_evaluate,
+            _vos_count,
+            agree=_vos_agree,
+            agreement=AGREE_JF,
         )
     )
 
@@ -221,6 +270,16 @@ COCO = (
     Metric("APm", "apm", "APm"),
     Metric("APl", "apl", "APl"),
 )
+
+
+def _coco_agree(ds, fp_dir, pred_dir):
+    from harness.evaluate import agreement
+
+    return _prefixed(*agreement.score_coco(ds, fp_dir, pred_dir))
+
+
+# Mean over prompts of the mask IoU with the FP model's mask of the same prompt
+AGREE_COCO = (Metric(AGREE + "mIoU", "miou_fp", label="mask IoU vs FP", artifact=AGREEMENT_CSV),)
 # CocoDataset checks its JSON and that every image file is there when it opens
 register(
     Evaluator(
@@ -234,6 +293,8 @@ register(
         _coco_calibrate,
         _coco_evaluate,
         lambda ds: len(ds.ids),
+        agree=_coco_agree,
+        agreement=AGREE_COCO,
     )
 )
 
@@ -287,8 +348,25 @@ def _sav_count(ds):
     return sum(last - first + 1 for first, last in (sav.tracked_range(ds, v) for v in ds.videos))
 
 
+def _sav_agree(ds, fp_dir, pred_dir):
+    from harness.evaluate import agreement
+
+    return _prefixed(*agreement.score_sav(ds, fp_dir, pred_dir))
+
+
 register(
     Evaluator(
-        "sav", JF, "jf", "frames/s", _sav_root, _sav_load, _check_files, _sav_calibrate, _sav_evaluate, _sav_count
+        "sav",
+        JF,
+        "jf",
+        "frames/s",
+        _sav_root,
+        _sav_load,
+        _check_files,
+        _sav_calibrate,
+        _sav_evaluate,
+        _sav_count,
+        agree=_sav_agree,
+        agreement=AGREE_JF,
     )
 )

@@ -68,12 +68,22 @@ def score_object(gt: Iterable[np.ndarray], pred: Iterable[np.ndarray]) -> dict[s
     return {"J": np.array(j), "F": np.array(f)} if gt_seen else None
 
 
-def _score(dataset: SavDataset, read_pred: Callable[[str, str, str], np.ndarray], report: dict | None):
+def per_object_scores(
+    dataset: SavDataset,
+    read_pred: Callable[[str, str, str], np.ndarray],
+    report: dict | None = None,
+    read_gt: Callable[[str, str, str], np.ndarray] | None = None,
+    what: str = "ground truth",
+) -> pd.DataFrame:
+    """Per-object J/F statistics of the masks `read_pred(video, object, frame)` gives, scored against
+    the ground truth or against `read_gt` (the FP model's masks, harness.evaluate.agreement); an
+    object whose reference is empty on every scored frame is left out (named in report["unscored"])."""
+    read_gt = read_gt or dataset.mask
     scores, unscored = {}, []
     for video in dataset.videos:
         frames, scores[video] = scored_frames(dataset, video), {}
         for obj in dataset.object_ids(video):
-            gt = (dataset.mask(video, obj, t) for t in frames)
+            gt = (read_gt(video, obj, t) for t in frames)
             values = score_object(gt, (read_pred(video, obj, t) for t in frames))
             if values is None:
                 unscored.append(f"{video}/{obj}")
@@ -81,13 +91,18 @@ def _score(dataset: SavDataset, read_pred: Callable[[str, str, str], np.ndarray]
                 scores[video][int(obj)] = values
     if unscored:
         logging.getLogger("qbench").warning(
-            "SA-V: %d objects have an empty ground truth on every scored frame and are not scored: %s",
+            "SA-V: %d objects have an empty %s on every scored frame and are not scored: %s",
             len(unscored),
+            what,
             ", ".join(unscored[:10]),
         )
     if report is not None:
         report["unscored"] = unscored
-    per_object = metrics.per_object_frame(scores)
+    return metrics.per_object_frame(scores)
+
+
+def _score(dataset: SavDataset, read_pred: Callable[[str, str, str], np.ndarray], report: dict | None):
+    per_object = per_object_scores(dataset, read_pred, report)
     if per_object.empty:
         raise DatasetError(
             f"SA-V {dataset.root}: no object could be scored (each needs a non-empty ground-truth mask on an "

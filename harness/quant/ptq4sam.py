@@ -21,7 +21,9 @@ from harness.quant.lsc import mse_clip
 # The mask decoder's token-to-image attentions: keys are projected image tokens, where PTQ4SAM
 # found the bimodal channels.
 BIG_TARGETS = "sam_mask_decoder.*token_to_image"
-AGQ_ROWS = 256  # query rows kept per attention call for the search (global attention is tokens^2)
+# Kept per attention call for the search: a few (window, head) slices and query rows of each; at
+# 1024 px Hiera's windowed attention has ~1000 windows a call, global attention 4096 keys a row.
+AGQ_SLICES, AGQ_ROWS = 4, 128
 
 
 class MseWeightStep(nn.Module):
@@ -80,10 +82,12 @@ def search_granularity(model: nn.Module, feed, frames: int, taus=agq.TAUS, seed:
 
     def recorder(name):
         def record(probs, v):
-            rows = probs.shape[-2]
-            keep = torch.randperm(rows, generator=gen)[:AGQ_ROWS].to(probs.device)
-            seen[name][0].append(probs.index_select(-2, keep).float().cpu())
-            seen[name][1].append(v.float().cpu())
+            p = probs.reshape(-1, *probs.shape[-2:])
+            values = v.expand(*probs.shape[:-2], *v.shape[-2:]).reshape(-1, *v.shape[-2:])
+            slices = torch.randperm(p.shape[0], generator=gen)[:AGQ_SLICES].to(p.device)
+            rows = torch.randperm(p.shape[1], generator=gen)[:AGQ_ROWS].to(p.device)
+            seen[name][0].append(p[slices][:, rows].float().cpu())
+            seen[name][1].append(values[slices].float().cpu())
 
         return record
 
