@@ -85,8 +85,8 @@ def test_micro_batches_give_the_gradients_of_the_whole_batch(name, bits, davis, 
 
 @pytest.mark.parametrize("prompts", ["train.prompts.point_prob=0", "train.prompts.point_prob=1"])
 def test_checkpointed_blocks_give_the_same_gradients_and_statistics(prompts, davis, tmp_path):
-    """Q-SAM2's LSC moves a running statistic at every forward; the recomputed blocks must see the
-    statistic of their first run, and leave the live one as it was. With point prompts the mask
+    """Q-SAM2's LSC sums a statistic over a step's forwards; the recomputed blocks must see the
+    statistic of their first run, and leave the live sum as it was. With point prompts the mask
     decoder runs once per corrective click, each pass recomputed in backward."""
     plain = _step("qsam2", (2, 8), davis, tmp_path / "plain", prompts, "train.checkpoint_blocks=false")
     ckpt = _step("qsam2", (2, 8), davis, tmp_path / "ckpt", prompts, "train.checkpoint_blocks=true")
@@ -122,8 +122,9 @@ def test_later_micro_batches_leave_running_statistics_alone():
     with recompute.frozen_statistics():
         lsc(x)
     frozen = lsc.sigma.clone()
+    assert not lsc.end_step() and torch.equal(lsc.sigma, frozen)  # the frozen call added nothing
     lsc(x)
-    assert not torch.equal(lsc.sigma, frozen)
+    assert lsc.end_step()
     assert lsc.sigma == pytest.approx(0.5 * frozen + 0.5 * x.std(correction=0))
 
 

@@ -70,6 +70,10 @@ class _Lsc(nn.Module):
         )
         self.alpha = nn.Parameter(torch.ones(shape))
         self.register_buffer("sigma", torch.ones(shape))
+        # This step's statistic so far, as buffers so that a checkpointed block's rerun in backward
+        # starts from (and puts back) the sum as at its first run (harness.quant.recompute).
+        self.register_buffer("step_total", torch.zeros(shape), persistent=False)
+        self.register_buffer("step_calls", torch.zeros(()), persistent=False)
 
     @torch.no_grad()
     def _start(self, sigma: Tensor, absmax: Tensor, x: Tensor, dims: list[int] | None = None) -> None:
@@ -90,19 +94,19 @@ class _Lsc(nn.Module):
         first of a step, and the re-run of a checkpointed block, leave it (harness.quant.recompute)."""
         if statistics_frozen():
             return
-        now = statistic(x.detach().float(), self.stat, dims).reshape(self.sigma.shape)
-        total, calls = self.__dict__.get("_step_stat", (0.0, 0))
-        self.__dict__["_step_stat"] = (total + now, calls + 1)
+        self.step_total.add_(statistic(x.detach().float(), self.stat, dims).reshape(self.sigma.shape))
+        self.step_calls.add_(1)
         if self.per_call:
             self.end_step()
 
     @torch.no_grad()
     def end_step(self) -> bool:
         """sigma_hat <- m * sigma_hat + (1 - m) * (the mean statistic of this step's calls); whether it moved."""
-        total, calls = self.__dict__.pop("_step_stat", (0.0, 0))
-        if not calls:
+        if not self.step_calls:
             return False
-        self.sigma.mul_(self.lsc_momentum).add_((1 - self.lsc_momentum) * total / calls)
+        self.sigma.mul_(self.lsc_momentum).add_((1 - self.lsc_momentum) * self.step_total / self.step_calls)
+        self.step_total.zero_()
+        self.step_calls.zero_()
         return True
 
     def current(self) -> Tensor:
