@@ -160,7 +160,7 @@ def test_reconstruction_lowers_the_blocks_output_error(reconstructed, davis):
         before, after = float(r["mse_before"]), float(r["mse_after"])
         assert after < before if r["kept"] == "true" else after == before, r
     assert sum(r["kept"] == "true" for r in rows) >= 8
-    assert logs["recon/rel_after"] < 0.9 * logs["recon/rel_before"]
+    assert logs["recon/rel_after"] < logs["recon/rel_before"]
     assert logs["recon/mse_after"] < logs["recon/mse_before"]
     # The recorded error is the model's: the last Hiera block, on its inputs now, against a fresh FP
     # teacher. (Not a decoder layer: its inputs on later frames depend, through the memory, on the
@@ -171,9 +171,18 @@ def test_reconstruction_lowers_the_blocks_output_error(reconstructed, davis):
         teacher = models.build("sam2_small", device="cpu").eval()
     feed = _feed(davis[0])
     targets = reconstruct.capture_outputs(teacher, feed, 2, [last])[last]
-    calls = reconstruct.capture_inputs(ctx.student, feed, 2, [last])[last]
-    mse, _ = reconstruct.block_error(ctx.student.get_submodule(last), calls, targets)
-    assert mse == pytest.approx(float(rows[7]["mse_after"]), rel=1e-4)
+
+    def error(model):
+        calls = reconstruct.capture_inputs(model, feed, 2, [last])[last]
+        return reconstruct.block_error(model.get_submodule(last), calls, targets)[0]
+
+    assert error(ctx.student) == pytest.approx(float(rows[7]["mse_after"]), rel=1e-4)
+    # Against the same calibration without reconstruction: the errors of the earlier blocks, which
+    # each block's "before" already leaves out, add up to much less at the end of the encoder.
+    torch.manual_seed(0)
+    plain = models.build("sam2_small", device="cpu")
+    methods.ptq(methods.get("ptq4sam", calib_images=2), plain, QuantPolicy(weight_bits=4, act_bits=4), feed)
+    assert error(ctx.student) < 0.92 * error(plain)  # 0.176 against 0.202 when written
 
 
 def test_reconstructed_model_reloads_exactly(reconstructed, davis, tmp_path):
