@@ -27,7 +27,7 @@ from omegaconf.errors import OmegaConfBaseException
 import methods
 from harness import models
 from harness.errors import ConfigError
-from harness.schema import RunConfig, SuiteFile, validate
+from harness.schema import ReportCfg, RunConfig, SuiteFile, validate
 
 DEFAULTS = RunConfig().model_dump()
 SUITES_DIR = Path(__file__).resolve().parents[1] / "suites"
@@ -206,6 +206,14 @@ def load_suite(name: str, overrides: list[str] | None = None) -> Suite:
         if not values:
             raise ConfigError(f"{path}: matrix.{key}: expected a non-empty list of values")
     parsed = [parse_override(o) for o in overrides or []]
+    # report.* settings change the tables, not the runs: they leave the run keys alone.
+    report, settings = suite.report, [p for p in parsed if p[0].startswith("report.")]
+    if settings:
+        raw = report.model_dump(exclude_none=True)
+        for key, value in settings:
+            set_dotted(raw, key.removeprefix("report."), value, "command-line override")
+        report = validate(ReportCfg, raw, "command-line override", "report.")
+    parsed = [p for p in parsed if not p[0].startswith("report.")]
     for key, _ in parsed:
         if key.startswith("search."):  # else refused as an unknown run-config key, which says less
             raise ConfigError(
@@ -234,7 +242,7 @@ def load_suite(name: str, overrides: list[str] | None = None) -> Suite:
             seen.add(key)
             shown = {k: v for k, v in combo.items() if _applies(k, cfg)}  # fp's name has no bits
             runs.append(RunSpec(_label({k: dict(parsed).get(k, v) for k, v in shown.items()}), cfg, key))
-    return Suite(suite.name or path.stem, path, runs, suite.report.model_dump(), suite.executor.model_dump())
+    return Suite(suite.name or path.stem, path, runs, report.model_dump(), suite.executor.model_dump())
 
 
 def known_key(key: str) -> bool:

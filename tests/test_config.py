@@ -149,6 +149,18 @@ def test_override_errors():
         load_suite("smoke", ["quant.scope=[a"])
 
 
+def test_report_settings_from_the_command_line_leave_the_runs_alone():
+    plain = load_suite("smoke")
+    paired = load_suite("smoke", ["report.baseline=rtn", "report.table.cols=quant.act_bits"])
+    assert paired.report["baseline"] == "rtn" and paired.report["table"]["cols"] == "quant.act_bits"
+    assert plain.report["baseline"] is None
+    assert [r.run_key for r in paired.runs] == [r.run_key for r in plain.runs]
+    with pytest.raises(ConfigError, match=r"command-line override: unknown key 'report.tabel'"):
+        load_suite("smoke", ["report.tabel.rows=seed"])
+    with pytest.raises(ConfigError, match=r"command-line override: report.baseline: .*expected a row of the table"):
+        load_suite("smoke", ["report.baseline=[a]"])
+
+
 def test_cli_exits_2_with_one_line_before_any_work(tmp_path):
     path = _suite(tmp_path, "base:\n  quant: {weight_bits: 1}\n")
     proc = subprocess.run(
