@@ -91,7 +91,8 @@ class _Lsc(nn.Module):
     @torch.no_grad()
     def update(self, x: Tensor, dims: list[int] | None = None) -> None:
         """Adds stat(x) to this step's statistic; `end_step` applies it. Micro-batches after the
-        first of a step, and the re-run of a checkpointed block, leave it (harness.quant.recompute)."""
+        first of a step leave it; a checkpointed block's re-run adds to the sum as it was at the
+        first run, and the live sum is put back afterwards (harness.quant.recompute)."""
         if statistics_frozen():
             return
         self.step_total.add_(statistic(x.detach().float(), self.stat, dims).reshape(self.sigma.shape))
